@@ -1,0 +1,98 @@
+# Helpers shared by the .smk files: config look-ups and target lists (functions only, no rules).
+import json
+import os
+from pathlib import Path
+
+# Jobs run `python -m weakshot`; putting the package on PYTHONPATH makes that work in any environment a
+# job runs in (the project venv, a --sdm conda env, a cluster node) without an install step. This sets
+# the variable for the jobs; the workflow requires no variable from the user, so no `envvars:`.
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        filter(
+            None,
+            [str(Path(workflow.basedir) / "workflow"), os.environ.get("PYTHONPATH")],
+        )
+    )
+)
+
+if config["dataset"] not in config["datasets"]:
+    raise ValueError(
+        f"config: 'dataset' is {config['dataset']!r}, which is not a key of 'datasets' "
+        f"({', '.join(config['datasets'])})"
+    )
+
+
+def datasets_with_source(source):
+    return [name for name, d in config["datasets"].items() if d["source"] == source]
+
+
+def one_of(names):
+    """A wildcard regex matching exactly the given names (and nothing when the list is empty)."""
+    return "|".join(names) if names else "(?!)"
+
+
+EMBEDDED_DATASETS = datasets_with_source("embedded")
+DOWNLOADED_DATASETS = datasets_with_source("download")
+
+
+def dataset_config(wildcards):
+    return config["datasets"][wildcards.dataset]
+
+
+def class_table(wildcards):
+    """The class table a dataset is converted with: the generator's, or the one named in config."""
+    if dataset_config(wildcards)["source"] == "embedded":
+        return f"resources/{wildcards.dataset}/classes.yaml"
+    return dataset_config(wildcards)["classes"]
+
+
+def generator_spec(wildcards):
+    return json.dumps(dataset_config(wildcards)["generator"])
+
+
+def download_checks(wildcards):
+    """Command-line flags for the size and checksums a download is verified against."""
+    cfg = dataset_config(wildcards)
+    flags = [f"--{key} {cfg[key]}" for key in ("size", "sha256", "md5") if cfg.get(key)]
+    return " ".join(flags)
+
+
+def exclude_train_flag(wildcards):
+    names = dataset_config(wildcards).get("exclude_train", [])
+    return "--exclude-train " + " ".join(names) if names else ""
+
+
+def split_spec(wildcards):
+    return json.dumps(dataset_config(wildcards)["splits"])
+
+
+def split_reference(wildcards):
+    """The paper's split list, when a dataset uses it (a rerun trigger if it changes)."""
+    return dataset_config(wildcards)["splits"].get("reference", [])
+
+
+def split_names(dataset):
+    """Names of the splits a dataset defines (no file I/O beyond the small reference YAML)."""
+    spec = config["datasets"][dataset]["splits"]
+    if spec["source"] == "random":
+        count = spec["num_random"] + len(spec["extra_novel_ratios"])
+        return [f"split{i}" for i in range(1, count + 1)]
+    import yaml
+
+    with open(spec["reference"]) as f:
+        return list(yaml.safe_load(f)[spec["reference_key"]]["split_names"])
+
+
+def split_targets(dataset):
+    return expand(
+        [
+            "results/{dataset}/splits/{split}.yaml",
+            "results/{dataset}/splits/{split}_image_labels.tsv",
+        ],
+        dataset=dataset,
+        split=split_names(dataset),
+    )
+
+
+def all_targets():
+    return split_targets(config["dataset"])

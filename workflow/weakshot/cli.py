@@ -1,0 +1,148 @@
+"""Command line: one subcommand per DAG stage, ``python -m weakshot <stage> ...``.
+
+This module only parses arguments and calls the stage's function; each stage imports its (heavy) modules
+lazily so that ``--help`` and the Snakemake DAG never pay for torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def cmd_generate_embedded(args: argparse.Namespace) -> None:
+    from weakshot.data.embedded import EmbeddedConfig, generate_embedded
+
+    generate_embedded(EmbeddedConfig.from_dict(args.spec), archive=args.archive, classes=args.classes)
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from weakshot.data.archives import download
+
+    download(args.url, args.out, expected_size=args.size, sha256=args.sha256, md5=args.md5)
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from weakshot.data.archives import safe_extract
+
+    safe_extract(args.archive, args.out)
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from weakshot.data.classes import ClassTable
+
+    class_table = ClassTable.load(args.classes)
+    if args.layout == "coco_stuff_10k":
+        from weakshot.data.cocostuff import convert_cocostuff as convert
+    else:
+        from weakshot.data.ade20k import convert_ade20k as convert
+    convert(args.raw, args.out, class_table, exclude_train=args.exclude_train)
+
+
+def cmd_image_labels(args: argparse.Namespace) -> None:
+    from weakshot.data.splits import write_image_labels
+
+    write_image_labels(args.prepared, args.out, min_pixels=args.min_pixels)
+
+
+def cmd_split(args: argparse.Namespace) -> None:
+    from weakshot.data.splits import SplitSpec, write_split
+
+    write_split(args.classes, SplitSpec.from_dict(args.spec), args.name, args.out)
+
+
+def cmd_split_image_labels(args: argparse.Namespace) -> None:
+    from weakshot.data.splits import write_split_image_labels
+
+    write_split_image_labels(args.image_labels, args.split, args.out)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from weakshot.evaluation.evaluate import evaluate_result_file
+
+    evaluate_result_file(
+        args.predictions, labels_dir=args.labels, classes=args.classes, split=args.split, out=args.out
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m weakshot", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    p = sub.add_parser("generate-embedded", help="draw the embedded dataset into a raw COCO-Stuff-10K archive")
+    p.add_argument("--spec", type=_json_object, required=True, help="generator settings (JSON object)")
+    p.add_argument("--archive", type=Path, required=True, help="zip archive to write")
+    p.add_argument("--classes", type=Path, required=True, help="class table (YAML) to write")
+    p.set_defaults(func=cmd_generate_embedded)
+
+    p = sub.add_parser("download", help="download an archive with resume, progress and checksum check")
+    p.add_argument("--url", required=True, help="http(s)://, file:// or a local path")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--size", type=int, default=None, help="expected size in bytes")
+    p.add_argument("--sha256", default=None)
+    p.add_argument("--md5", default=None)
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("extract", help="extract an archive, refusing members that would land outside --out")
+    p.add_argument("--archive", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("prepare", help="convert an extracted dataset to the prepared layout")
+    p.add_argument("--layout", choices=["coco_stuff_10k", "ade20k"], required=True)
+    p.add_argument("--raw", type=Path, required=True, help="extracted archive folder")
+    p.add_argument("--classes", type=Path, required=True, help="class table (YAML)")
+    p.add_argument("--out", type=Path, required=True, help="prepared dataset folder to write")
+    p.add_argument("--exclude-train", nargs="*", default=[], help="training image names to skip")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("image-labels", help="per-image class presence of a prepared dataset")
+    p.add_argument("--prepared", type=Path, required=True)
+    p.add_argument("--min-pixels", type=int, default=1, help="pixels a class needs to count as present")
+    p.add_argument("--out", type=Path, required=True, help="TSV to write")
+    p.set_defaults(func=cmd_image_labels)
+
+    p = sub.add_parser("split", help="write one base/novel class split of a dataset")
+    p.add_argument("--classes", type=Path, required=True, help="class table (YAML)")
+    p.add_argument("--spec", type=_json_object, required=True, help="split settings (JSON object)")
+    p.add_argument("--name", required=True, help="split name, e.g. split4")
+    p.add_argument("--out", type=Path, required=True, help="split YAML to write")
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("split-image-labels", help="image-level base/novel labels of one split")
+    p.add_argument("--image-labels", type=Path, required=True)
+    p.add_argument("--split", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_split_image_labels)
+
+    p = sub.add_parser("evaluate", help="score a COCO-format result file against prepared labels")
+    p.add_argument("--predictions", type=Path, required=True, help="COCO stuff-segmentation result JSON")
+    p.add_argument("--labels", type=Path, required=True, help="folder of ground-truth label PNGs")
+    p.add_argument("--classes", type=Path, required=True, help="class table (YAML)")
+    p.add_argument("--split", type=Path, default=None, help="split YAML for base/novel summaries")
+    p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as err:
+        # Bad input: one clear line naming the file or key, not a traceback.
+        print(f"error ({args.stage}): {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,2 @@
+"""Datasets: archives (download, verify, extract), converters to the prepared layout, the embedded
+generator, and class splits."""

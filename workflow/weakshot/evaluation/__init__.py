@@ -1,0 +1,1 @@
+"""Evaluation: the confusion-matrix segmentation metric and COCO RLE result files."""
