@@ -1,0 +1,125 @@
+"""The Snakemake workflow itself: lint, format, dry runs of the whole DAG and a real run on tiny data."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ["Snakefile", "rules", "config", "envs", "profiles", "workflow"]
+
+
+def snakemake(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count}."""
+    lines = dry_run_output.split("Job stats:")[1].splitlines()[3:]
+    counts = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A copy of the workflow, so runs never touch the checkout's results/."""
+    for name in WORKFLOW_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(source, tmp_path / name)
+    return tmp_path
+
+
+def test_lint_is_clean():
+    result = snakemake("--lint", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_snakefmt_is_clean():
+    result = subprocess.run(
+        [sys.executable, "-m", "snakefmt", "--check", "Snakefile", "rules"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dry_run_of_the_default_target():
+    counts = job_counts(snakemake("-n").stdout)
+    # Embedded default: one dataset drawn, extracted and prepared; nine splits with their image labels.
+    assert counts["generate_embedded"] == 1 and "download" not in counts
+    assert counts["prepare"] == 1
+    assert counts["split"] == 9 and counts["split_image_labels"] == 9
+
+
+def test_dry_run_of_the_real_datasets():
+    counts = job_counts(
+        snakemake(
+            "-n",
+            "results/coco_stuff_10k/splits/split9_image_labels.tsv",
+            "results/ade20k/splits/split4_image_labels.tsv",
+        ).stdout
+    )
+    assert counts["download"] == 2 and "generate_embedded" not in counts
+    assert counts["prepare"] == 2 and counts["split"] == 2
+
+
+def test_config_errors_are_reported(workdir):
+    bad = workdir / "config" / "bad.yaml"
+    bad.write_text("dataset: nowhere\n")
+    result = snakemake("-n", "--configfile", str(bad), cwd=workdir, check=False)
+    assert result.returncode != 0
+    assert "nowhere" in result.stdout + result.stderr
+
+    bad.write_text("datasets:\n  embedded:\n    sourse: embedded\n")
+    result = snakemake("-n", "--configfile", str(bad), cwd=workdir, check=False)
+    assert result.returncode != 0
+    assert "sourse" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_embedded_dataset_to_split9(workdir):
+    """The README's first target, on the tiny test config: generate, extract, prepare, split."""
+    snakemake(
+        "--cores", "2", "--configfile", "config/test.yaml",
+        "results/embedded/splits/split9.yaml", "results/embedded/splits/split9_image_labels.tsv",
+        cwd=workdir,
+    )  # fmt: skip
+    results = workdir / "results" / "embedded"
+    train_pngs = sorted((results / "prepared" / "labels" / "train").glob("*.png"))
+    test_pngs = sorted((results / "prepared" / "labels" / "test").glob("*.png"))
+    assert len(train_pngs) == 48 and len(test_pngs) == 16
+    assert len(list((results / "prepared" / "images" / "train").glob("*.jpg"))) == 48
+    classes = yaml.safe_load((results / "prepared" / "classes.yaml").read_text())
+    num_classes = len(classes["classes"])
+    assert num_classes >= 40
+    for png in train_pngs[:8]:
+        values = set(np.unique(np.asarray(Image.open(png))).tolist())
+        assert values <= set(range(num_classes)) | {255}
+
+    split9 = yaml.safe_load((results / "splits" / "split9.yaml").read_text())
+    assert len(split9["novel_ids"]) == int(num_classes * 0.5)
+    rows = (results / "splits" / "split9_image_labels.tsv").read_text().splitlines()
+    assert rows[0] == "image\tbase_ids\tnovel_ids" and len(rows) == 49
+    # The extracted raw archive is an intermediate, removed once the prepared dataset exists.
+    assert not (workdir / "resources" / "embedded" / "raw").exists()
+    # Nothing left to do: a second run is a no-op.
+    rerun = snakemake(
+        "-n", "--configfile", "config/test.yaml", "results/embedded/splits/split9.yaml", cwd=workdir
+    )
+    assert "Nothing to be done" in rerun.stdout + rerun.stderr
