@@ -1,0 +1,339 @@
+"""Pixel-pixel similarity transfer: point sampling, SimNet, balanced weights, SimLoss and DistLoss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weakshot.config import SimilarityConfig
+from weakshot.losses.pixel_similarity import (
+    BalancedWeights,
+    PixelSimilarityLoss,
+    SimNet,
+    distill_loss_map,
+    gather_points,
+    pair_grid,
+    point_coords,
+    sample_points,
+)
+
+NOVEL = (5, 6)
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _targets(base: list[int], novel: list[int]) -> dict[str, torch.Tensor]:
+    labels = torch.tensor(base + novel, dtype=torch.int64)
+    has_mask = torch.tensor([True] * len(base) + [False] * len(novel))
+    return {"labels": labels, "has_mask": has_mask, "masks": torch.zeros(len(labels), 1, 1, dtype=torch.bool)}
+
+
+def _batch(labels: torch.Tensor, targets: list[dict], pairs: list[tuple[int, int]] | None, pad=None) -> dict:
+    batch = {
+        "labels": labels,
+        "pad_mask": torch.zeros(labels.shape, dtype=torch.bool) if pad is None else pad,
+        "targets": targets,
+        "novel_ids": torch.tensor(NOVEL),
+    }
+    if pairs is not None:
+        batch["pairs"] = torch.tensor(pairs)
+    return batch
+
+
+def _outputs(b: int, d: int, h: int, w: int, q: int = 4, k: int = 8, seed: int = 0):
+    g = _generator(seed)
+    mask_features = torch.randn(b, d, h, w, generator=g).requires_grad_()
+    pred_logits = torch.randn(b, q, k + 1, generator=g).requires_grad_()
+    pred_masks = torch.randn(b, q, h, w, generator=g).requires_grad_()
+    return mask_features, pred_logits, pred_masks
+
+
+def _mixed_case(seed: int = 0):
+    """Two images (one cross pair) at stride 4: base classes 1 and 2, novel 5 in both, padding on the right."""
+    h = w = 8
+    labels = torch.full((2, 4 * h, 4 * w), 255)
+    labels[:, :8] = 1
+    labels[:, 8:16, :12] = 2
+    pad = torch.zeros(labels.shape, dtype=torch.bool)
+    pad[:, :, 28:] = True
+    targets = [_targets([1, 2], [5]), _targets([1, 2], [5])]
+    return _batch(labels, targets, [(0, 1)], pad), _outputs(2, 6, h, w, seed=seed)
+
+
+# --- sample_points ---------------------------------------------------------------------------------------
+
+
+def test_sample_points_uniform_inside_a_big_region() -> None:
+    region = torch.zeros(3, 10, 12, dtype=torch.bool)
+    region[:, 2:9, 1:11] = True  # 70 pixels
+    index, coords = sample_points(region, 30, _generator())
+    assert index.shape == (3, 30) and index.dtype == torch.int64
+    assert coords.shape == (3, 30, 2)
+    assert region.flatten(1).gather(1, index).all()
+    for row in index:
+        assert len(set(row.tolist())) == 30
+    # Uniform inside: over many draws every region pixel is picked about 30/70 of the time.
+    counts = torch.zeros(10 * 12)
+    g = _generator(1)
+    for _ in range(300):
+        idx, _ = sample_points(region[:1], 30, g)
+        counts[idx[0]] += 1
+    inside = counts[region[0].flatten()] / 300
+    assert counts[~region[0].flatten()].sum() == 0
+    assert (inside - 30 / 70).abs().max() < 0.12
+
+
+def test_sample_points_small_region_takes_all_then_outside() -> None:
+    region = torch.zeros(2, 6, 6, dtype=torch.bool)
+    region[0, 1, 1:4] = True  # 3 pixels
+    region[1, 5, 5] = True  # 1 pixel
+    index, _ = sample_points(region, 10, _generator())
+    flat = region.flatten(1)
+    for b, need in ((0, 3), (1, 1)):
+        picked = flat[b, index[b]]
+        assert picked.sum() == need  # every region pixel
+        assert set(torch.nonzero(flat[b]).flatten().tolist()) <= set(index[b].tolist())
+        assert len(set(index[b].tolist())) == 10  # topped up with distinct outside pixels
+    with pytest.raises(ValueError):
+        sample_points(region, 37)
+
+
+def test_coords_are_grid_sample_positions_of_the_index() -> None:
+    h, w = 5, 7
+    maps = torch.randn(2, 3, h, w)
+    region = torch.rand(2, h, w) > 0.4
+    index, coords = sample_points(region, 9, _generator())
+    assert torch.equal(coords, point_coords(index, h, w))
+    bilinear = F.grid_sample(maps, coords.unsqueeze(2), mode="bilinear", align_corners=True).squeeze(-1)
+    gathered = gather_points(maps, torch.arange(2), index)  # 2 x 9 x 3
+    assert torch.allclose(bilinear.transpose(1, 2), gathered, atol=1e-5)
+    # Same generator state, same points.
+    again, _ = sample_points(region, 9, _generator())
+    assert torch.equal(index, again)
+
+
+# --- SimNet ----------------------------------------------------------------------------------------------
+
+
+def test_simnet_probability_shape_and_batch_norm_modes() -> None:
+    net = SimNet(in_dim=8, width=16, blocks=3)
+    x = torch.randn(50, 16)
+    p = net(x)
+    assert p.shape == (50,) and (p >= 0).all() and (p <= 1).all()
+    assert net.logits(x.view(5, 10, 16)).shape == (5, 10, 2)
+    assert torch.allclose(net.logits(x).softmax(-1)[:, 1], p, atol=1e-6)
+    # "batch" normalises with the batch's statistics but leaves the running statistics alone.
+    before = net.blocks[0].bn1.running_mean.clone()
+    net(x * 3 + 1, stats="batch")
+    assert torch.equal(net.blocks[0].bn1.running_mean, before)
+    net(x * 3 + 1)  # train mode, "auto": updates them
+    assert not torch.equal(net.blocks[0].bn1.running_mean, before)
+    net.eval()
+    assert torch.allclose(net(x), net(x, stats="running"))
+
+
+def test_pair_grid_orders_first_then_second() -> None:
+    a = torch.arange(6.0).view(3, 2)
+    b = 10 + torch.arange(4.0).view(2, 2)
+    grid = pair_grid(a, b)
+    assert grid.shape == (3, 2, 4)
+    assert torch.equal(grid[2, 1], torch.cat([a[2], b[1]]))
+
+
+# --- balanced weights ------------------------------------------------------------------------------------
+
+
+def test_balanced_weights_arithmetic_and_window() -> None:
+    bw = BalancedWeights(window=3)
+    w_pos, w_neg = bw.weights()
+    assert w_pos.item() == pytest.approx(0.5) and w_neg.item() == pytest.approx(0.5)
+    bw.update(torch.tensor(3), torch.tensor(1))  # P = 1 + 3, N = 1 + 1
+    w_pos, w_neg = bw.weights()
+    assert w_pos.item() == pytest.approx(2 / 6) and w_neg.item() == pytest.approx(4 / 6)
+    bw.update(5, 5)
+    bw.update(1, 9)  # window 3: the initial (1, 1) entry rolls out; P = 3 + 5 + 1, N = 1 + 5 + 9
+    w_pos, w_neg = bw.weights()
+    assert w_pos.item() == pytest.approx(15 / 24) and w_neg.item() == pytest.approx(9 / 24)
+    restored = BalancedWeights(window=3)
+    restored.load_state_dict(bw.state_dict())
+    assert torch.equal(restored.history, bw.history) and restored.cursor.item() == bw.cursor.item()
+
+
+# --- distillation loss map -------------------------------------------------------------------------------
+
+
+def test_distill_loss_map_values() -> None:
+    t = torch.tensor([1.0, 0.0, 0.9, 0.2])
+    s = torch.tensor([1.0, 0.0, 0.3, 0.6])
+    ce = distill_loss_map(t, s, "ce")
+    assert ce[0].item() == pytest.approx(-0.99 * math.log(0.99) - 0.01 * math.log(0.01), rel=1e-5)
+    assert ce[2].item() == pytest.approx(-0.9 * math.log(0.3) - 0.1 * math.log(0.7), rel=1e-5)
+    cce = distill_loss_map(t, s, "cce")
+    assert cce[0].item() == pytest.approx(-0.5 * math.log(2.0), rel=1e-5)
+    assert cce[1].item() == pytest.approx(-0.5 * math.log(2.0), rel=1e-5)
+    assert cce[2].item() == pytest.approx(-0.4 * math.log(1.3), rel=1e-5)
+    assert cce[3].item() == pytest.approx(-0.3 * math.log(1.4), rel=1e-5)
+    with pytest.raises(ValueError):
+        distill_loss_map(t, s, "b0.5")
+
+
+# --- gradients -------------------------------------------------------------------------------------------
+
+
+def test_sim_loss_trains_only_simnet() -> None:
+    batch, (mf, logits, masks) = _mixed_case()
+    loss = PixelSimilarityLoss(SimilarityConfig(base_points=10, novel_points=10), embed_dim=6)
+    out = loss(mf, logits, masks, batch, generator=_generator())
+    assert set(out) == {"loss_sim", "loss_distill"}
+    assert out["loss_sim"].item() > 0
+    out["loss_sim"].backward()
+    assert mf.grad is None and logits.grad is None and masks.grad is None
+    grads = [p.grad for p in loss.simnet.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_distill_loss_trains_only_the_segmenter() -> None:
+    batch, (mf, logits, masks) = _mixed_case()
+    loss = PixelSimilarityLoss(SimilarityConfig(base_points=10, novel_points=10), embed_dim=6)
+    out = loss(mf, logits, masks, batch, generator=_generator())
+    out["loss_distill"].backward()
+    assert all(p.grad is None for p in loss.simnet.parameters())
+    assert mf.grad is None  # the teacher's features are detached too
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    assert masks.grad is not None and masks.grad.abs().sum() > 0
+
+
+def test_distill_is_zero_without_a_shared_novel_class() -> None:
+    batch, (mf, logits, masks) = _mixed_case()
+    batch["targets"] = [_targets([1, 2], [5]), _targets([1, 2], [6])]
+    loss = PixelSimilarityLoss(SimilarityConfig(base_points=10, novel_points=10), embed_dim=6)
+    out = loss(mf, logits, masks, batch, generator=_generator())
+    assert out["loss_distill"].item() == 0.0
+    out["loss_distill"].backward()  # still a graph to backpropagate through
+    assert logits.grad is not None and logits.grad.abs().sum() == 0
+
+
+# --- validity and balance counting -----------------------------------------------------------------------
+
+
+def test_pairs_of_two_non_base_pixels_contribute_nothing() -> None:
+    h = w = 8
+    _, (mf, logits, masks) = _mixed_case()
+    none_base = torch.full((2, 4 * h, 4 * w), 255)
+    loss = PixelSimilarityLoss(SimilarityConfig(base_points=10, novel_points=10), embed_dim=6)
+    batch = _batch(none_base, [_targets([], [5]), _targets([], [5])], [(0, 1)])
+    out = loss(mf, logits, masks, batch, generator=_generator())
+    assert out["loss_sim"].item() == 0.0
+    out["loss_sim"].backward()
+    assert all(p.grad.abs().sum() == 0 for p in loss.simnet.parameters())
+    assert torch.equal(loss.balance.history[1], torch.zeros(2))  # nothing valid was counted
+
+    # One side all base, the other none: every cross pair has one base pixel -> all valid (OR, not AND).
+    loss = PixelSimilarityLoss(SimilarityConfig(base_points=10, novel_points=10), embed_dim=6)
+    half = none_base.clone()
+    half[0] = 1
+    batch = _batch(half, [_targets([1], [5]), _targets([], [5])], [(0, 1)])
+    out = loss(mf.detach(), logits.detach(), masks.detach(), batch, generator=_generator())
+    assert out["loss_sim"].item() > 0
+    assert torch.equal(loss.balance.history[1], torch.tensor([0.0, 2 * 10 * 10]))  # all negatives, both ways
+
+
+def test_balance_counts_valid_pairs_of_both_directions_and_self_pairs_once() -> None:
+    h = w = 8
+    labels = torch.full((3, 4 * h, 4 * w), 1)
+    targets = [_targets([1], []) for _ in range(3)]
+    mf, logits, masks = _outputs(3, 6, h, w)
+    loss = PixelSimilarityLoss(SimilarityConfig(base_points=10, novel_points=10), embed_dim=6)
+    loss(mf, logits, masks, _batch(labels, targets, [(0, 1)]), generator=_generator())
+    assert torch.equal(loss.balance.history[1], torch.tensor([200.0, 0.0]))  # J x J, two directions
+    loss(mf, logits, masks, _batch(labels, targets, [(0, 0), (1, 1), (2, 2)]), generator=_generator())
+    assert torch.equal(loss.balance.history[2], torch.tensor([300.0, 0.0]))  # J x J once per self pair
+    loss.eval()  # no counting outside training
+    loss(mf, logits, masks, _batch(labels, targets, [(0, 1)]), generator=_generator())
+    assert torch.equal(loss.balance.history[3], torch.zeros(2))
+
+
+def test_self_pairing_without_pairs_key() -> None:
+    batch, (mf, logits, masks) = _mixed_case()
+    del batch["pairs"]
+    cfg = SimilarityConfig(pairing="self", base_points=10, novel_points=10)
+    out = PixelSimilarityLoss(cfg, embed_dim=6)(mf, logits, masks, batch, generator=_generator())
+    assert torch.isfinite(out["loss_sim"]) and torch.isfinite(out["loss_distill"])
+    with pytest.raises(KeyError):
+        PixelSimilarityLoss(SimilarityConfig(pairing="cross"), embed_dim=6)(mf, logits, masks, batch)
+
+
+# --- constructed teacher / student ----------------------------------------------------------------------
+
+
+class _StubTeacher(nn.Module):
+    """Calls two pixels similar iff their (one-hot) embeddings agree, or the opposite when ``invert``."""
+
+    def __init__(self, dim: int, invert: bool) -> None:
+        super().__init__()
+        self.dim = dim
+        self.invert = invert
+        self.bias = nn.Parameter(torch.zeros(2))
+
+    def logits(self, pairs: torch.Tensor, stats: str = "auto") -> torch.Tensor:
+        return self.bias.expand(*pairs.shape[:-1], 2)
+
+    def forward(self, pairs: torch.Tensor, stats: str = "auto") -> torch.Tensor:
+        same = (pairs[..., : self.dim] * pairs[..., self.dim :]).sum(-1).clamp(0, 1)
+        return 1 - same if self.invert else same
+
+
+def _novel_scene():
+    """Two images; top row base (class 1); below, novel 5 on the left half and novel 6 on the right half.
+    Embeddings are one-hot novel classes; query 0 predicts class 5 on the left, query 1 class 6 on the
+    right, so the student's novel score vectors are (1, 0) on the left and (0, 1) on the right."""
+    h = w = 8
+    labels = torch.full((2, 4 * h, 4 * w), 255)
+    labels[:, :4] = 1
+    mf = torch.zeros(2, 2, h, w)
+    mf[:, 0, 1:, :4] = 1
+    mf[:, 1, 1:, 4:] = 1
+    logits = torch.full((2, 2, 9), -10.0)
+    logits[:, 0, 5] = 10.0
+    logits[:, 1, 6] = 10.0
+    masks = torch.full((2, 2, h, w), -10.0)
+    masks[:, 0, :, :4] = 10.0
+    masks[:, 1, :, 4:] = 10.0
+    targets = [_targets([1], [5, 6]), _targets([1], [5, 6])]
+    return _batch(labels, targets, [(0, 1)]), mf, logits.requires_grad_(), masks.requires_grad_()
+
+
+@pytest.mark.parametrize("kind", ["ce", "cce"])
+def test_distill_low_when_student_agrees_with_teacher(kind: str) -> None:
+    values = {}
+    for invert in (False, True):
+        batch, mf, logits, masks = _novel_scene()
+        loss = PixelSimilarityLoss(SimilarityConfig(base_points=10, novel_points=20, distill_loss=kind), 2)
+        loss.simnet = _StubTeacher(2, invert)
+        values[invert] = loss(mf, logits, masks, batch, generator=_generator())["loss_distill"].item()
+    if kind == "ce":
+        perfect = -0.99 * math.log(0.99) - 0.01 * math.log(0.01)
+        assert values[False] == pytest.approx(perfect, rel=1e-3)
+        assert values[True] == pytest.approx(-0.01 * math.log(0.99) - 0.99 * math.log(0.01), rel=1e-3)
+    else:
+        assert values[False] == pytest.approx(-0.5 * math.log(2.0), rel=1e-3)
+        assert values[True] == pytest.approx(0.0, abs=1e-3)
+    assert values[False] < values[True]
+
+
+def test_pred_masks_at_another_resolution_are_sampled_bilinearly() -> None:
+    batch, (mf, logits, masks) = _mixed_case()
+    h, w = masks.shape[-2:]
+    # With align_corners=True the small grid's points are every other point of a (2h-1) x (2w-1) grid.
+    fine = F.interpolate(masks.detach(), size=(2 * h - 1, 2 * w - 1), mode="bilinear", align_corners=True)
+    loss = PixelSimilarityLoss(SimilarityConfig(base_points=10, novel_points=10), embed_dim=6)
+    loss.eval()  # same teacher statistics and no counting in both calls
+    a = loss(mf, logits, masks, batch, generator=_generator())["loss_distill"]
+    b = loss(mf, logits, fine, batch, generator=_generator())["loss_distill"]
+    assert a.item() == pytest.approx(b.item(), rel=1e-4)
