@@ -17,10 +17,14 @@ include: "rules/common.smk"
 wildcard_constraints:
     dataset=one_of(list(config["datasets"])),
     split=r"split\d+",
+    method=r"[a-z][a-z0-9_]*",
 
 
 include: "rules/data.smk"
 include: "rules/splits.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 rule all:

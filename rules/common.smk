@@ -95,4 +95,81 @@ def split_targets(dataset):
 
 
 def all_targets():
-    return split_targets(config["dataset"])
+    return split_targets(config["dataset"]) + table_targets()
+
+
+# --- training, evaluation and tables -------------------------------------------------------------------
+
+
+def deep_merge(base, override):
+    """`override` laid over `base`, recursing into mappings (the method's keys win)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+SPLIT_METHODS = [name for name in config["methods"] if name != "oracle"]
+
+
+def method_config(method):
+    if method not in config["methods"]:
+        raise ValueError(
+            f"config: no method {method!r} under 'methods' ({', '.join(config['methods'])})"
+        )
+    return deep_merge(config["training"], config["methods"][method])
+
+
+def run_config(wildcards):
+    """The resolved run config of a model, as JSON for the train CLI (a params change reruns training)."""
+    return json.dumps(method_config(wildcards.method))
+
+
+def train_inputs(wildcards):
+    """Inputs of a per-split model: the split, its image labels, and the base model to start from."""
+    inputs = {
+        "split": f"results/{wildcards.dataset}/splits/{wildcards.split}.yaml",
+        "image_labels": f"results/{wildcards.dataset}/splits/{wildcards.split}_image_labels.tsv",
+    }
+    if method_config(wildcards.method).get("method", {}).get("init") == "base_model":
+        inputs["init"] = (
+            f"results/{wildcards.dataset}/models/base_model/{wildcards.split}/model.pt"
+        )
+    return inputs
+
+
+def init_flag(wildcards, input):
+    return f"--init {input.init}" if "init" in input.keys() else ""
+
+
+def predictions_of(wildcards):
+    """The oracle is predicted once per dataset; every other model once per split."""
+    if wildcards.method == "oracle":
+        return f"results/{wildcards.dataset}/predictions/oracle.json"
+    return f"results/{wildcards.dataset}/predictions/{wildcards.method}/{wildcards.split}.json"
+
+
+def table_spec(wildcards):
+    spec = config["tables"][wildcards.table]
+    return json.dumps({"name": wildcards.table, "dataset": config["dataset"], **spec})
+
+
+def table_metrics(wildcards):
+    spec = config["tables"][wildcards.table]
+    return expand(
+        "results/{dataset}/metrics/{method}/{split}.json",
+        dataset=config["dataset"],
+        method=sorted(
+            set(spec["rows"].values()) | set(spec.get("reference", {}).values())
+        ),
+        split=spec["columns"],
+    )
+
+
+def table_targets():
+    return expand(
+        "results/{table}.{ext}", table=list(config["tables"]), ext=["csv", "md"]
+    )

@@ -77,6 +77,43 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from weakshot.config import RunConfig
+    from weakshot.engine.train import TrainInputs, train
+
+    _set_threads(args.threads)
+    run = RunConfig.from_dict(args.run_config, where="run config")
+    inputs = TrainInputs(
+        prepared=args.prepared,
+        out_dir=args.out_dir,
+        split=args.split,
+        image_labels=args.image_labels,
+        pseudo_labels=args.pseudo_labels,
+        init_weights=args.init,
+    )
+    train(run, inputs, device=args.device)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from weakshot.engine.predict import predict_folder
+
+    _set_threads(args.threads)
+    predict_folder(args.model, args.images, args.out, device=args.device, classes=args.classes)
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    from weakshot.reporting.tables import write_table
+
+    write_table(args.spec, args.metrics_dir, args.paper, args.out_csv, args.out_md)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m weakshot", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -127,6 +164,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_split_image_labels)
 
+    p = sub.add_parser("train", help="train one model (oracle, base model, SimFormer variant or retraining)")
+    p.add_argument("--run-config", type=_json_object, required=True, help="run settings (JSON object)")
+    p.add_argument("--prepared", type=Path, required=True, help="prepared dataset folder")
+    p.add_argument("--out-dir", type=Path, required=True, help="model folder to write")
+    p.add_argument("--split", type=Path, default=None, help="split YAML (not for the oracle)")
+    p.add_argument("--image-labels", type=Path, default=None, help="the split's image-level labels (TSV)")
+    p.add_argument("--pseudo-labels", type=Path, default=None, help="folder of pseudo-label PNGs to train on")
+    p.add_argument("--init", type=Path, default=None, help="model.pt to start from (method.init: base_model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment a folder of images with a trained model (COCO result file)")
+    p.add_argument("--model", type=Path, required=True, help="model folder (model.pt + config.yaml)")
+    p.add_argument("--images", type=Path, required=True, help="folder of images")
+    p.add_argument("--out", type=Path, required=True, help="COCO stuff-segmentation result JSON to write")
+    p.add_argument("--classes", type=Path, default=None, help="class table: write its raw dataset ids")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("evaluate", help="score a COCO-format result file against prepared labels")
     p.add_argument("--predictions", type=Path, required=True, help="COCO stuff-segmentation result JSON")
     p.add_argument("--labels", type=Path, required=True, help="folder of ground-truth label PNGs")
@@ -134,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=Path, default=None, help="split YAML for base/novel summaries")
     p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("table", help="an appendix table (CSV + Markdown with the paper's numbers)")
+    p.add_argument("--spec", type=_json_object, required=True, help="rows, columns, name, dataset (JSON)")
+    p.add_argument("--metrics-dir", type=Path, required=True, help="results/{dataset}/metrics")
+    p.add_argument("--paper", type=Path, required=True, help="the paper's numbers (YAML)")
+    p.add_argument("--out-csv", type=Path, required=True)
+    p.add_argument("--out-md", type=Path, required=True)
+    p.set_defaults(func=cmd_table)
     return parser
 
 

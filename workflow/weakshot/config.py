@@ -98,11 +98,23 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 20
     seed: int = 6
-    init: str = "imagenet"  # "imagenet" (backbone weights file, as the paper) or "base_model"
+    deterministic: bool = True  # deterministic kernels on CPU (a resumed run reproduces an uninterrupted one)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    # What the training images tell the model: "full" = every class with its mask (FullyOracle, and the
+    # retraining on pseudo-labels); "base" = base classes only (the base model); "weak" = base masks plus
+    # image-level labels of the novel classes (SimFormer and its variants).
+    supervision: str = "weak"
+    # Initialisation: "imagenet" = backbone from model.backbone.weights (the paper: every model starts
+    # from ImageNet R-50); "base_model" = the whole network from the split's trained base model.
+    init: str = "imagenet"
 
 
 @dataclass(frozen=True)
 class RunConfig:
+    method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
@@ -115,6 +127,18 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
+
+
+# Fields that take one of a few words; checked when a config is loaded, so a typo fails before training.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method.supervision": ("full", "base", "weak"),
+    "method.init": ("imagenet", "base_model"),
+    "model.backbone.stem": ("imagenet", "small"),
+    "model.backbone.norm": ("frozen_bn", "bn", "gn"),
+    "similarity.pairing": ("none", "self", "cross"),
+    "similarity.distill_loss": ("ce", "cce"),
+    "train.amp": ("bf16", "fp16", "off"),
+}
 
 
 def _plain(value: Any) -> Any:
@@ -135,6 +159,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if unknown:
         raise ValueError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
     values = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    for name, value in values.items():
+        choices = CHOICES.get(f"{where}.{name}".partition(".")[2])
+        if choices is not None and value not in choices:
+            raise ValueError(f"{where}.{name}: {value!r} is not one of {', '.join(choices)}")
     return cls(**values)
 
 

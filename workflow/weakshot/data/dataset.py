@@ -314,9 +314,10 @@ class TestDataset(Dataset):
     __test__ = False  # not a pytest test class
 
     def __init__(
-        self, root: str | Path, split: str = "test", test_size: int = 640, max_size: int | None = None
+        self, root: str | Path, split: str | None = "test", test_size: int = 640, max_size: int | None = None
     ) -> None:
-        image_dir = Path(root) / "images" / split
+        # split=None: ``root`` is itself the image folder (a user's images for the inference CLI).
+        image_dir = Path(root) / "images" / split if split is not None else Path(root)
         if not image_dir.is_dir():
             raise FileNotFoundError(f"{image_dir}: no such image folder")
         self.image_paths = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -463,6 +464,10 @@ def infinite_loader(
         num_workers=num_workers,
         collate_fn=collate,
         pin_memory=pin_memory,
+        # Its own generator: starting the loader must not draw from the global torch RNG, whose state a
+        # resumed run restores from the checkpoint (else a resumed run would drift from an uninterrupted one).
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0,
     )
     yield from loader
 

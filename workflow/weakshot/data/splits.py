@@ -202,3 +202,20 @@ def write_split_image_labels(image_labels: Path, split: Path, out: Path) -> None
             base_ids = " ".join(str(c) for c in ids if c not in novel)
             novel_ids = " ".join(str(c) for c in ids if c in novel)
             f.write(f"{image}\t{base_ids}\t{novel_ids}\n")
+
+
+def read_split_image_labels(path: Path) -> dict[str, tuple[list[int], list[int]]]:
+    """image name -> (base ids, novel ids) present, from a ``{split}_image_labels.tsv``."""
+    lines = Path(path).read_text().splitlines()
+    if not lines or lines[0].split("\t") != ["image", "base_ids", "novel_ids"]:
+        raise ValueError(f"{path}: expected the header 'image<TAB>base_ids<TAB>novel_ids'")
+    table = {}
+    for number, line in enumerate(lines[1:], start=2):
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise ValueError(f"{path}: line {number}: expected 3 tab-separated fields")
+        try:
+            table[parts[0]] = ([int(c) for c in parts[1].split()], [int(c) for c in parts[2].split()])
+        except ValueError:
+            raise ValueError(f"{path}: line {number}: class ids must be integers") from None
+    return table

@@ -1,0 +1,72 @@
+# Evaluation stage: predict the test images with a trained model (a COCO stuff-segmentation result file) and
+# score it against the test labels of a split (novel, base, all mIoU and hIoU in a small JSON).
+
+
+rule predict_oracle:
+    input:
+        model="results/{dataset}/models/oracle/model.pt",
+        prepared="results/{dataset}/prepared",
+    output:
+        "results/{dataset}/predictions/oracle.json",
+    log:
+        "logs/{dataset}/predict/oracle.log",
+    benchmark:
+        "benchmarks/{dataset}/predict/oracle.tsv"
+    conda:
+        "../envs/weakshot.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        model_dir=subpath(input.model, parent=True),
+    shell:
+        "python -m weakshot predict --model {params.model_dir} --images {input.prepared}/images/test"
+        " --classes {input.prepared}/classes.yaml --out {output} --threads {threads} > {log} 2>&1"
+
+
+rule predict:
+    input:
+        model="results/{dataset}/models/{method}/{split}/model.pt",
+        prepared="results/{dataset}/prepared",
+    output:
+        "results/{dataset}/predictions/{method}/{split}.json",
+    log:
+        "logs/{dataset}/predict/{method}_{split}.log",
+    benchmark:
+        "benchmarks/{dataset}/predict/{method}_{split}.tsv"
+    wildcard_constraints:
+        method=one_of(SPLIT_METHODS),
+    conda:
+        "../envs/weakshot.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        model_dir=subpath(input.model, parent=True),
+    shell:
+        "python -m weakshot predict --model {params.model_dir} --images {input.prepared}/images/test"
+        " --classes {input.prepared}/classes.yaml --out {output} --threads {threads} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        predictions=predictions_of,
+        prepared="results/{dataset}/prepared",
+        split="results/{dataset}/splits/{split}.yaml",
+    output:
+        "results/{dataset}/metrics/{method}/{split}.json",
+    log:
+        "logs/{dataset}/evaluate/{method}_{split}.log",
+    benchmark:
+        "benchmarks/{dataset}/evaluate/{method}_{split}.tsv"
+    conda:
+        "../envs/weakshot.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "python -m weakshot evaluate --predictions {input.predictions}"
+        " --labels {input.prepared}/labels/test --classes {input.prepared}/classes.yaml"
+        " --split {input.split} --out {output} > {log} 2>&1"

@@ -1,0 +1,59 @@
+# Training stage: FullyOracle (once per dataset, every class), the base model of each split (base classes
+# only: base-model pretraining) and the weak-shot models of each split (SimFormer variants). One loop for
+# all: `python -m weakshot train`, workflow/weakshot/engine/train.py. A killed job resumes from
+# checkpoint.pt in its model folder when the rule runs again.
+
+
+rule train_oracle:
+    input:
+        prepared="results/{dataset}/prepared",
+    output:
+        model="results/{dataset}/models/oracle/model.pt",
+        config="results/{dataset}/models/oracle/config.yaml",
+    log:
+        "logs/{dataset}/train/oracle.log",
+    benchmark:
+        "benchmarks/{dataset}/train/oracle.tsv"
+    conda:
+        "../envs/weakshot.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=1,
+    params:
+        run=lambda wildcards: json.dumps(method_config("oracle")),
+        out_dir=subpath(output.model, parent=True),
+    shell:
+        "python -m weakshot train --run-config {params.run:q} --prepared {input.prepared}"
+        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+
+
+rule train:
+    input:
+        unpack(train_inputs),
+        prepared="results/{dataset}/prepared",
+    output:
+        model="results/{dataset}/models/{method}/{split}/model.pt",
+        config="results/{dataset}/models/{method}/{split}/config.yaml",
+    log:
+        "logs/{dataset}/train/{method}_{split}.log",
+    benchmark:
+        "benchmarks/{dataset}/train/{method}_{split}.tsv"
+    wildcard_constraints:
+        method=one_of(SPLIT_METHODS),
+    conda:
+        "../envs/weakshot.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=1,
+    params:
+        run=run_config,
+        out_dir=subpath(output.model, parent=True),
+        init=init_flag,
+    shell:
+        "python -m weakshot train --run-config {params.run:q} --prepared {input.prepared}"
+        " --split {input.split} --image-labels {input.image_labels} {params.init}"
+        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,75 @@
+"""Prediction: a trained model's semantic segmentation of a folder of images.
+
+The test pipeline of MaskFormer/SimFormer: resize the shortest edge to ``augment.test_size``, pad to a
+multiple of 32, upsample the mask logits to the padded size, combine them with the class probabilities
+(``semantic_inference``), crop the padding, resize to the original resolution, take the argmax. Results go
+to a COCO stuff-segmentation result file (RLE), the format detectron2 writes and the evaluator reads.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from weakshot.config import RunConfig
+from weakshot.data.classes import ClassTable
+from weakshot.data.dataset import TestDataset, evaluation_loader
+from weakshot.engine.checkpoint import load_weights
+from weakshot.engine.train import autocast, pick_device
+from weakshot.evaluation.results import ResultWriter
+from weakshot.io_utils import read_yaml
+from weakshot.model.maskformer import MaskFormer, segment
+
+
+def load_model(model_dir: Path, device: torch.device) -> tuple[MaskFormer, RunConfig]:
+    """A trained model and its resolved config, from a model folder (model.pt + config.yaml)."""
+    model_dir = Path(model_dir)
+    saved = dict(read_yaml(model_dir / "config.yaml"))
+    num_classes = int(saved.pop("num_classes"))
+    run = RunConfig.from_dict(saved, where=str(model_dir / "config.yaml"))
+    # ImageNet weights are part of model.pt already: do not ask for the original file.
+    model = MaskFormer(run.model, num_classes)
+    load_weights(model_dir / "model.pt", model)
+    return model.to(device).eval(), run
+
+
+@torch.no_grad()
+def predict_label_maps(
+    model: MaskFormer, run: RunConfig, dataset: TestDataset, device: torch.device, num_workers: int = 0
+) -> Iterator[tuple[str, np.ndarray, torch.Tensor]]:
+    """Yield (name, label map uint8 at the original resolution, K x H x W scores) per image."""
+    loader = evaluation_loader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda")
+    for batch in loader:
+        images = batch["images"].to(device, non_blocking=True)
+        with autocast(run, device):
+            outputs = model(images)
+        outputs = {k: outputs[k].float() for k in ("pred_logits", "pred_masks")}
+        scores = segment(outputs, tuple(images.shape[-2:]), batch["image_size"], batch["orig_size"])
+        for name, score in zip(batch["names"], scores):
+            yield name, score.argmax(0).to(torch.uint8).cpu().numpy(), score
+
+
+def predict_folder(
+    model_dir: Path, images: Path, out: Path, *, device: str | None = None, classes: Path | None = None
+) -> int:
+    """Segment every image under ``images`` (a prepared ``images/<split>`` folder or any folder of images)
+    and write the COCO-format result file ``out``. Returns the number of images."""
+    dev = pick_device(device)
+    model, run = load_model(model_dir, dev)
+    dataset = TestDataset(images, None, run.augment.test_size)
+    id_map = (
+        ClassTable.load(classes).id_to_dataset_id() if classes else {c: c for c in range(model.num_classes)}
+    )
+    t0 = time.perf_counter()
+    count = 0
+    with ResultWriter(out, id_map) as writer:
+        for name, label_map, _ in predict_label_maps(model, run, dataset, dev):
+            writer.add(name, label_map)
+            count += 1
+    print(f"[predict] {count} images in {time.perf_counter() - t0:.1f} s -> {out}", file=sys.stderr)
+    return count

@@ -1,0 +1,264 @@
+"""The training loop shared by every method (FullyOracle, base model, SimFormer variants, retraining).
+
+What differs between methods is data, not code: ``method.supervision`` picks the targets the mapper builds
+(full / base / weak), ``loss.complementary_weight`` switches the complementary loss, and
+``similarity.pairing`` switches pixel-pixel similarity transfer (none / self / cross pairs).
+
+The loop: AdamW (backbone lr multiplier, no decay on norms and embeddings), poly learning rate, full-model
+gradient clipping, autocast (bf16/fp16) and channels-last on CUDA, seeded and deterministic on CPU. It
+writes ``checkpoint.pt`` every ``train.checkpoint_every`` iterations (atomically); run again after a kill,
+it resumes from there and ends with the same weights as an uninterrupted run. When done it writes
+``model.pt`` (state dict), ``config.yaml`` (the resolved config) and ``train_log.jsonl`` and removes the
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from weakshot.config import RunConfig
+from weakshot.data.classes import ClassTable
+from weakshot.data.dataset import PairDataset, SegmentationDataset, WeakShotDataset, WeakShotMapper, infinite_loader
+from weakshot.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_weights, save_checkpoint, save_weights
+from weakshot.io_utils import atomic_path, write_yaml
+from weakshot.losses.criterion import build_criterion, total_loss
+from weakshot.model.backbone import load_torchvision_weights
+from weakshot.model.maskformer import MaskFormer, param_groups
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    prepared: Path  # prepared dataset folder
+    out_dir: Path  # model folder to write
+    split: Path | None = None  # split YAML (base/novel ids); None for the oracle
+    image_labels: Path | None = None  # the split's image-level labels (reference-image selection)
+    pseudo_labels: Path | None = None  # folder of pseudo-label PNGs replacing the training labels
+    init_weights: Path | None = None  # model.pt to start from (method.init == "base_model")
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_model(run: RunConfig, num_classes: int, init_weights: Path | None) -> MaskFormer:
+    model = MaskFormer(run.model, num_classes)
+    if run.method.init == "base_model":
+        if init_weights is None:
+            raise ValueError("method.init is 'base_model' but no base model weights were given (--init)")
+        load_weights(init_weights, model)
+    elif run.model.backbone.weights:
+        load_torchvision_weights(model.backbone, Path(run.model.backbone.weights))
+    return model
+
+
+def build_loss_modules(run: RunConfig, num_classes: int) -> nn.ModuleDict:
+    """The criterion and, with pixel-pixel transfer, the similarity loss (which owns SimNet's weights)."""
+    modules = nn.ModuleDict({"set": build_criterion(num_classes, run.model, run.loss)})
+    if run.similarity.pairing != "none":
+        from weakshot.losses.pixel_similarity import PixelSimilarityLoss
+
+        modules["similarity"] = PixelSimilarityLoss(run.similarity, run.model.mask_dim)
+    return modules
+
+
+def loss_weights(run: RunConfig, losses: nn.ModuleDict) -> dict[str, float]:
+    weights = dict(losses["set"].weight_dict)
+    if "similarity" in losses:
+        weights["loss_sim"] = run.similarity.sim_weight
+        weights["loss_distill"] = run.similarity.distill_weight
+    return weights
+
+
+def build_dataset(run: RunConfig, inputs: TrainInputs) -> WeakShotDataset | PairDataset:
+    novel_ids = None
+    if inputs.split is not None:
+        from weakshot.data.splits import load_split
+
+        novel_ids = load_split(inputs.split)["novel_ids"]
+    if run.method.supervision != "full" and not novel_ids:
+        raise ValueError(f"method.supervision {run.method.supervision!r} needs a split (--split)")
+    source = SegmentationDataset(inputs.prepared, "train", labels_dir=inputs.pseudo_labels)
+    mapper = WeakShotMapper(run.augment, novel_ids, run.method.supervision, seed=run.train.seed)
+    dataset = WeakShotDataset(source, mapper)
+    if run.similarity.pairing == "none":
+        return dataset
+    sampler = None
+    if run.similarity.pairing == "cross":
+        if inputs.image_labels is None:
+            raise ValueError("cross-image pairs need the split's image-level labels (--image-labels)")
+        from weakshot.data.pairs import ReferenceSampler, build_pair_index
+        from weakshot.data.splits import read_split_image_labels
+
+        labels = read_split_image_labels(inputs.image_labels)
+        missing = [name for name in source.names if name not in labels]
+        if missing:
+            raise ValueError(f"{inputs.image_labels}: no image-level labels for {missing[:3]} ...")
+        sampler = ReferenceSampler(build_pair_index({n: labels[n] for n in source.names}, run.train.seed))
+    return PairDataset(dataset, sampler, pairing=run.similarity.pairing)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        return value
+
+    return move(batch)
+
+
+def autocast(run: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type != "cuda" or run.train.amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if run.train.amp == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def poly_factor(iteration: int, iterations: int, power: float) -> float:
+    return (1.0 - iteration / iterations) ** power
+
+
+def set_determinism(run: RunConfig, device: torch.device) -> None:
+    torch.manual_seed(run.train.seed)
+    if device.type == "cpu" and run.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+class Progress:
+    """A one-line progress report every ``every`` iterations (to stderr, which the rule's log keeps)."""
+
+    def __init__(self, total: int, start: int, every: int) -> None:
+        self.total, self.start, self.every = total, start, every
+        self.t0 = time.perf_counter()
+
+    def __call__(self, iteration: int, record: dict[str, Any]) -> None:
+        done = iteration + 1 - self.start
+        elapsed = time.perf_counter() - self.t0
+        rate = done / max(elapsed, 1e-9)
+        eta = (self.total - iteration - 1) / max(rate, 1e-9)
+        losses = " ".join(f"{k[5:]}={v:.3f}" for k, v in record.items() if k.startswith("loss_") and "_" not in k[5:])
+        print(
+            f"[train] {iteration + 1}/{self.total} {rate:.2f} it/s eta {eta / 60:.1f} min total={record['loss']:.3f} "
+            f"{losses}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def train(run: RunConfig, inputs: TrainInputs, *, device: str | None = None, stop_at: int | None = None) -> Path:
+    """Train one model into ``inputs.out_dir``; returns the path of ``model.pt``.
+
+    ``stop_at`` ends the run after that many iterations, leaving only the checkpoint: it stands in for a
+    killed job in tests.
+    """
+    out_dir = Path(inputs.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(device)
+    set_determinism(run, dev)
+    class_table = ClassTable.load(Path(inputs.prepared) / "classes.yaml")
+    num_classes = class_table.num_classes
+
+    model = build_model(run, num_classes, inputs.init_weights).to(dev)
+    losses_module = build_loss_modules(run, num_classes).to(dev)
+    if dev.type == "cuda" and run.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    weights = loss_weights(run, losses_module)
+    groups = param_groups(model, run.train.lr, run.train.weight_decay, run.train.backbone_multiplier)
+    groups += param_groups(losses_module, run.train.lr, run.train.weight_decay, 1.0)
+    for group in groups:
+        group["initial_lr"] = group["lr"]
+    optimizer = torch.optim.AdamW(groups, lr=run.train.lr, weight_decay=run.train.weight_decay)
+    parameters = [p for group in groups for p in group["params"]]
+
+    dataset = build_dataset(run, inputs)
+    checkpoint = out_dir / CHECKPOINT_NAME
+    start, log_lines = 0, []
+    if checkpoint.exists():
+        # Read the iteration first: the data stream is positioned arithmetically, then RNG state restored.
+        start = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["iteration"])
+    batches: Iterator[dict] = iter(
+        infinite_loader(
+            dataset,
+            run.train.batch_size,
+            num_workers=run.train.num_workers,
+            seed=run.train.seed,
+            pin_memory=dev.type == "cuda",
+            start_iteration=start,
+        )
+    )
+    if checkpoint.exists():
+        start, extra = load_checkpoint(checkpoint, model=model, criterion=losses_module, optimizer=optimizer)
+        log_lines = list(extra.get("log", []))
+        print(f"[train] resumed from {checkpoint} at iteration {start}", file=sys.stderr, flush=True)
+
+    model.train()
+    losses_module.train()
+    progress = Progress(run.train.iterations, start, run.train.log_every)
+    end = run.train.iterations if stop_at is None else min(stop_at, run.train.iterations)
+    for iteration in range(start, end):
+        factor = poly_factor(iteration, run.train.iterations, run.train.poly_power)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        batch = to_device(next(batches), dev)
+        images = batch["images"]
+        if dev.type == "cuda" and run.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(run, dev):
+            outputs = model(images)
+        losses = losses_module["set"](outputs, batch)
+        if "similarity" in losses_module:
+            final = {k: outputs[k].float() for k in ("mask_features", "pred_logits", "pred_masks")}
+            losses.update(
+                losses_module["similarity"](final["mask_features"], final["pred_logits"], final["pred_masks"], batch)
+            )
+        loss = total_loss(losses, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if run.train.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, run.train.clip_grad_norm)
+        optimizer.step()
+
+        if (iteration + 1) % run.train.log_every == 0 or iteration + 1 == run.train.iterations:
+            # The only host synchronisation of the loop: reading the losses for the log.
+            record = {"iteration": iteration + 1, "lr": optimizer.param_groups[0]["lr"], "loss": float(loss.detach())}
+            record.update({k: float(v.detach()) for k, v in losses.items()})
+            if not all(math.isfinite(v) for v in record.values()):
+                raise FloatingPointError(f"non-finite loss at iteration {iteration + 1}: {record}")
+            log_lines.append(json.dumps(record))
+            progress(iteration, record)
+        if (iteration + 1) % run.train.checkpoint_every == 0 and iteration + 1 < run.train.iterations:
+            save_checkpoint(
+                checkpoint, iteration=iteration + 1, model=model, criterion=losses_module, optimizer=optimizer,
+                extra={"log": log_lines},
+            )  # fmt: skip
+    if end < run.train.iterations:
+        save_checkpoint(
+            checkpoint, iteration=end, model=model, criterion=losses_module, optimizer=optimizer,
+            extra={"log": log_lines},
+        )  # fmt: skip
+        return checkpoint
+
+    model_path = out_dir / "model.pt"
+    write_yaml(out_dir / "config.yaml", {"num_classes": num_classes, **run.to_dict()})
+    with atomic_path(out_dir / "train_log.jsonl") as tmp:
+        tmp.write_text("".join(line + "\n" for line in log_lines))
+    if "similarity" in losses_module:
+        save_weights(out_dir / "simnet.pt", losses_module["similarity"])
+    save_weights(model_path, model)
+    checkpoint.unlink(missing_ok=True)
+    return model_path

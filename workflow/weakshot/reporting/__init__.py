@@ -1,0 +1,1 @@
+"""Tables, plots and figures of the paper's appendix, from metrics files and predictions."""
