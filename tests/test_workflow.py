@@ -62,20 +62,25 @@ def test_snakefmt_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dry_run_of_the_default_target():
-    counts = job_counts(snakemake("-n").stdout)
+def test_dry_run_of_the_default_target(workdir):
+    counts = job_counts(snakemake("-n", cwd=workdir).stdout)
     # Embedded default: one dataset drawn, extracted and prepared; nine splits with their image labels.
     assert counts["generate_embedded"] == 1 and "download" not in counts
     assert counts["prepare"] == 1
     assert counts["split"] == 9 and counts["split_image_labels"] == 9
+    # Tables 1-2: the oracle once; base model, Basic, Self-Pair and three Cross-Pair J on Splits 1-4.
+    assert counts["train_oracle"] == 1 and counts["train"] == 6 * 4
+    assert counts["predict_oracle"] == 1 and counts["predict"] == 6 * 4
+    assert counts["evaluate"] == 7 * 4 and counts["table"] == 2
 
 
-def test_dry_run_of_the_real_datasets():
+def test_dry_run_of_the_real_datasets(workdir):
     counts = job_counts(
         snakemake(
             "-n",
             "results/coco_stuff_10k/splits/split9_image_labels.tsv",
             "results/ade20k/splits/split4_image_labels.tsv",
+            cwd=workdir,
         ).stdout
     )
     assert counts["download"] == 2 and "generate_embedded" not in counts
@@ -125,3 +130,24 @@ def test_embedded_dataset_to_split9(workdir):
     # Nothing left to do: a second run is a no-op.
     rerun = snakemake("results/embedded/splits/split9.yaml", "-n", "--configfile", "config/test.yaml", cwd=workdir)
     assert "Nothing to be done" in rerun.stdout + rerun.stderr
+
+
+@pytest.mark.slow
+def test_tables_1_and_2_on_the_tiny_config(workdir):
+    """Every stage of Tables 1-2 (oracle, base models, Basic / Self-Pair / Cross-Pair with three J) runs and
+    the tables hold one number per row and split, with the paper's numbers beside them."""
+    snakemake("results/table1.csv", "results/table2.csv", "--cores", "2", "--configfile", "config/test.yaml", cwd=workdir)
+    for name, rows in [("table1", ["J=50", "J=100", "J=150"]), ("table2", ["Basic Model", "Self-Pair", "Cross-Pair"])]:
+        csv = (workdir / "results" / f"{name}.csv").read_text().splitlines()
+        assert csv[0] == "row,split1,split2,mean"
+        assert [line.split(",")[0] for line in csv[1:]] == rows + ["FullyOracle", "Base model"]
+        for line in csv[1:]:
+            values = [float(v) for v in line.split(",")[1:]]
+            assert all(0.0 <= v <= 100.0 for v in values)
+        markdown = (workdir / "results" / f"{name}.md").read_text()
+        assert "reference only" in markdown and "paper" in markdown
+    model_dir = workdir / "results" / "embedded" / "models" / "cross_pair" / "split1"
+    assert {"model.pt", "config.yaml", "train_log.jsonl", "simnet.pt"} <= {p.name for p in model_dir.iterdir()}
+    assert not (model_dir / "checkpoint.pt").exists()
+    resolved = yaml.safe_load((model_dir / "config.yaml").read_text())
+    assert resolved["similarity"]["pairing"] == "cross" and resolved["method"]["init"] == "base_model"

@@ -1,0 +1,152 @@
+"""The training engine: a killed run resumes to the same weights as an uninterrupted one; prediction writes
+a result file the evaluator reads."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from weakshot.config import RunConfig
+from weakshot.data.archives import safe_extract
+from weakshot.data.classes import ClassTable
+from weakshot.data.cocostuff import convert_cocostuff
+from weakshot.data.embedded import EmbeddedConfig, generate_embedded
+from weakshot.data.splits import SplitSpec, write_image_labels, write_split, write_split_image_labels
+from weakshot.engine.predict import predict_folder
+from weakshot.engine.train import TrainInputs, train
+from weakshot.evaluation.evaluate import evaluate_result_file
+
+TINY_MODEL = {
+    "backbone": {"depth": 18, "widths": [8, 16, 16, 16], "blocks": [1, 1, 1, 1], "stem": "small", "norm": "bn"},
+    "conv_dim": 16,
+    "mask_dim": 16,
+    "hidden_dim": 16,
+    "num_queries": 6,
+    "num_heads": 2,
+    "dec_layers": 2,
+    "dim_feedforward": 32,
+    "dropout": 0.1,  # exercises the torch RNG, which a resumed run must restore
+}
+
+
+def tiny_run(**overrides) -> RunConfig:
+    data = {
+        "method": {"supervision": "weak"},
+        "model": TINY_MODEL,
+        "augment": {"crop_size": 32, "test_size": 32},
+        "loss": {"complementary_weight": 0.15},
+        "similarity": {"pairing": "cross", "base_points": 6, "novel_points": 6, "simnet_width": 8},
+        "train": {"iterations": 6, "batch_size": 2, "lr": 1e-3, "num_workers": 0, "checkpoint_every": 2,
+                  "log_every": 1, "seed": 1},
+    }  # fmt: skip
+    for key, value in overrides.items():
+        data[key] = {**data.get(key, {}), **value}
+    return RunConfig.from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("embedded")
+    generate_embedded(
+        EmbeddedConfig.from_dict({"seed": 0, "image_size": 32, "num_train": 12, "num_test": 4}),
+        archive=root / "archive.zip",
+        classes=root / "classes.yaml",
+    )
+    safe_extract(root / "archive.zip", root / "raw")
+    convert_cocostuff(root / "raw", root / "prepared", ClassTable.load(root / "classes.yaml"))
+    spec = SplitSpec.from_dict(
+        {"source": "random", "num_random": 1, "novel_fraction": 0.25, "extra_novel_ratios": [], "seed": 0}
+    )
+    write_split(root / "prepared" / "classes.yaml", spec, "split1", root / "split1.yaml")
+    write_image_labels(root / "prepared", root / "image_labels.tsv")
+    write_split_image_labels(root / "image_labels.tsv", root / "split1.yaml", root / "split1_image_labels.tsv")
+    return {
+        "prepared": root / "prepared",
+        "split": root / "split1.yaml",
+        "image_labels": root / "split1_image_labels.tsv",
+    }
+
+
+def inputs(dataset: dict[str, Path], out_dir: Path) -> TrainInputs:
+    return TrainInputs(dataset["prepared"], out_dir, split=dataset["split"], image_labels=dataset["image_labels"])
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resumed_run_ends_with_the_same_weights(dataset, tmp_path):
+    run = tiny_run()
+    uninterrupted = train(run, inputs(dataset, tmp_path / "a"))
+
+    stopped = train(run, inputs(dataset, tmp_path / "b"), stop_at=3)  # a "kill" after iteration 3
+    assert stopped.name == "checkpoint.pt" and not (tmp_path / "b" / "model.pt").exists()
+    resumed = train(run, inputs(dataset, tmp_path / "b"))
+
+    first, second = weights(uninterrupted), weights(resumed)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    assert torch.equal(weights(tmp_path / "a" / "simnet.pt")["simnet.head.weight"],
+                       weights(tmp_path / "b" / "simnet.pt")["simnet.head.weight"])  # fmt: skip
+    # The log of the resumed run is whole: iterations 1..6 once each, equal to the uninterrupted log.
+    log_a = (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()
+    log_b = (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in log_b] == [1, 2, 3, 4, 5, 6]
+    assert log_a == log_b
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()
+
+
+def test_sigkilled_cli_run_resumes_from_its_checkpoint(dataset, tmp_path):
+    """A real kill: the CLI process is SIGKILLed once a checkpoint exists, then run again to the end."""
+    run = tiny_run(train={"iterations": 40, "checkpoint_every": 2})
+    command = [
+        sys.executable, "-m", "weakshot", "train", "--run-config", json.dumps(run.to_dict()),
+        "--prepared", str(dataset["prepared"]), "--split", str(dataset["split"]),
+        "--image-labels", str(dataset["image_labels"]), "--out-dir", str(tmp_path / "m"), "--threads", "1",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "m" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, f"training ended before it could be killed: {process.stderr.read()}"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(checkpoint, weights_only=True)["iteration"]
+    assert 0 < killed_at < 40 and not (tmp_path / "m" / "model.pt").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {checkpoint} at iteration" in result.stderr
+    assert (tmp_path / "m" / "model.pt").exists() and not checkpoint.exists()
+    log = [json.loads(line)["iteration"] for line in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, 41))
+
+
+def test_oracle_prediction_is_scored_by_the_evaluator(dataset, tmp_path):
+    run = tiny_run(method={"supervision": "full"}, similarity={"pairing": "none"}, train={"iterations": 2})
+    model = train(run, TrainInputs(dataset["prepared"], tmp_path / "oracle"))
+    saved = yaml.safe_load((tmp_path / "oracle" / "config.yaml").read_text())
+    assert saved["method"]["supervision"] == "full" and saved["num_classes"] == 44
+    predictions = tmp_path / "oracle.json"
+    classes = dataset["prepared"] / "classes.yaml"
+    assert predict_folder(model.parent, dataset["prepared"] / "images" / "test", predictions, classes=classes) == 4
+    metrics = evaluate_result_file(
+        predictions, labels_dir=dataset["prepared"] / "labels" / "test", classes=classes, split=dataset["split"],
+        out=tmp_path / "metrics.json",
+    )  # fmt: skip
+    assert metrics["num_images"] == 4
+    assert 0.0 <= metrics["novel_mIoU"] <= 100.0
+
+
+def test_weak_supervision_needs_a_split(dataset, tmp_path):
+    with pytest.raises(ValueError, match="needs a split"):
+        train(tiny_run(), TrainInputs(dataset["prepared"], tmp_path / "x"))
