@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -138,7 +139,21 @@ def test_oracle_prediction_is_scored_by_the_evaluator(dataset, tmp_path):
     assert saved["method"]["supervision"] == "full" and saved["num_classes"] == 44
     predictions = tmp_path / "oracle.json"
     classes = dataset["prepared"] / "classes.yaml"
-    assert predict_folder(model.parent, dataset["prepared"] / "images" / "test", predictions, classes=classes) == 4
+    masks = tmp_path / "masks"
+    count = predict_folder(
+        model.parent, dataset["prepared"] / "images" / "test", predictions, classes=classes, masks_dir=masks
+    )
+    assert count == 4
+    pngs = sorted(masks.glob("*.png"))
+    assert len(pngs) == 4
+    from PIL import Image
+
+    from weakshot.evaluation.results import read_results
+
+    decoded = read_results(predictions, ClassTable.load(classes).dataset_id_to_id())
+    with Image.open(pngs[0]) as mask:
+        assert mask.mode == "P"  # palette index = class id: the colour mask and the result file agree
+        assert (np.asarray(mask) == decoded[pngs[0].stem]).all()
     metrics = evaluate_result_file(
         predictions, labels_dir=dataset["prepared"] / "labels" / "test", classes=classes, split=dataset["split"],
         out=tmp_path / "metrics.json",

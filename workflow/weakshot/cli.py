@@ -105,7 +105,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from weakshot.engine.predict import predict_folder
 
     _set_threads(args.threads)
-    predict_folder(args.model, args.images, args.out, device=args.device, classes=args.classes)
+    predict_folder(
+        args.model, args.images, args.out, device=args.device, classes=args.classes, masks_dir=args.masks_dir
+    )
 
 
 def cmd_table(args: argparse.Namespace) -> None:
@@ -181,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, required=True, help="folder of images")
     p.add_argument("--out", type=Path, required=True, help="COCO stuff-segmentation result JSON to write")
     p.add_argument("--classes", type=Path, default=None, help="class table: write its raw dataset ids")
+    p.add_argument("--masks-dir", type=Path, default=None, help="also write a colour mask PNG per image here")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_predict)

@@ -22,7 +22,7 @@ from weakshot.data.dataset import TestDataset, evaluation_loader
 from weakshot.engine.checkpoint import load_weights
 from weakshot.engine.train import autocast, pick_device
 from weakshot.evaluation.results import ResultWriter
-from weakshot.io_utils import read_yaml
+from weakshot.io_utils import atomic_path, read_yaml
 from weakshot.model.maskformer import MaskFormer, segment
 
 
@@ -54,11 +54,35 @@ def predict_label_maps(
             yield name, score.argmax(0).to(torch.uint8).cpu().numpy(), score
 
 
+def class_palette(num_classes: int, seed: int = 0) -> list[int]:
+    """A fixed colour per class id (flat RGB list for a "P"-mode PNG); 255 (ignore) is black."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(40, 256, size=(256, 3), dtype=np.uint8)
+    colours[255] = 0
+    return colours[: max(num_classes, 256)].reshape(-1).tolist()
+
+
+def write_colour_mask(path: Path, label_map: np.ndarray, palette: list[int]) -> None:
+    from PIL import Image
+
+    image = Image.fromarray(label_map, mode="L").convert("P")
+    image.putpalette(palette)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
 def predict_folder(
-    model_dir: Path, images: Path, out: Path, *, device: str | None = None, classes: Path | None = None
+    model_dir: Path,
+    images: Path,
+    out: Path,
+    *,
+    device: str | None = None,
+    classes: Path | None = None,
+    masks_dir: Path | None = None,
 ) -> int:
     """Segment every image under ``images`` (a prepared ``images/<split>`` folder or any folder of images)
-    and write the COCO-format result file ``out``. Returns the number of images."""
+    and write the COCO-format result file ``out`` (and, with ``masks_dir``, one colour PNG per image whose
+    palette index is the class id). Returns the number of images."""
     dev = pick_device(device)
     model, run = load_model(model_dir, dev)
     dataset = TestDataset(images, None, run.augment.test_size)
@@ -67,9 +91,12 @@ def predict_folder(
     )
     t0 = time.perf_counter()
     count = 0
+    palette = class_palette(model.num_classes)
     with ResultWriter(out, id_map) as writer:
         for name, label_map, _ in predict_label_maps(model, run, dataset, dev):
             writer.add(name, label_map)
+            if masks_dir is not None:
+                write_colour_mask(Path(masks_dir) / f"{name}.png", label_map, palette)
             count += 1
     print(f"[predict] {count} images in {time.perf_counter() - t0:.1f} s -> {out}", file=sys.stderr)
     return count
