@@ -1,0 +1,125 @@
+"""Throughput of one training step of the embedded-default model, data loading and matching included.
+
+Prints images per second and the achieved FLOP/s as a fraction of this machine's large-matmul FLOP/s
+(torch's FlopCounterMode counts the model's forward+backward FLOPs; a timed 2048^3 matmul gives the peak),
+plus where the step's time goes (data, forward, matching + losses, backward + optimiser).
+
+    python bench/train_step.py [--config config/config.yaml] [--method cross_pair] [--threads 2] [--steps 20]
+
+Needs the prepared embedded dataset (`snakemake --cores 2 results/embedded/splits/split1_image_labels.tsv`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+from weakshot.config import RunConfig
+from weakshot.data.dataset import infinite_loader
+from weakshot.engine.train import TrainInputs, build_dataset, build_loss_modules, build_model, loss_weights
+from weakshot.losses.criterion import total_loss
+from weakshot.model.maskformer import param_groups
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and key in merged else value
+    return merged
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    parser.add_argument("--method", default="oracle")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--split", default="split1")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    config = yaml.safe_load(args.config.read_text())
+    run = RunConfig.from_dict(deep_merge(config["training"], config["methods"][args.method]))
+    results = Path("results") / config["dataset"]
+    inputs = TrainInputs(
+        prepared=results / "prepared",
+        out_dir=Path("/dev/null"),
+        split=None if args.method == "oracle" else results / "splits" / f"{args.split}.yaml",
+        image_labels=results / "splits" / f"{args.split}_image_labels.tsv",
+    )
+    num_classes = len(yaml.safe_load((inputs.prepared / "classes.yaml").read_text())["classes"])
+    model = build_model(run, num_classes, None)
+    losses_module = build_loss_modules(run, num_classes)
+    weights = loss_weights(run, losses_module)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, run.train.lr, run.train.weight_decay, 1.0) + param_groups(losses_module, run.train.lr, 0, 1)
+    )
+    batches = iter(infinite_loader(build_dataset(run, inputs), run.train.batch_size, 0, run.train.seed))
+
+    def step(batch: dict) -> dict[str, float]:
+        t0 = time.perf_counter()
+        outputs = model(batch["images"])
+        t1 = time.perf_counter()
+        losses = losses_module["set"](outputs, batch)
+        if "similarity" in losses_module:
+            losses.update(
+                losses_module["similarity"](
+                    outputs["mask_features"], outputs["pred_logits"], outputs["pred_masks"], batch
+                )
+            )
+        loss = total_loss(losses, weights)
+        t2 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        t3 = time.perf_counter()
+        return {"forward": t1 - t0, "matching + losses": t2 - t1, "backward + optimiser": t3 - t2}
+
+    for _ in range(3):  # warm-up
+        step(next(batches))
+    totals = {"data": 0.0, "forward": 0.0, "matching + losses": 0.0, "backward + optimiser": 0.0}
+    images = 0
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        totals["data"] += time.perf_counter() - t0
+        for key, value in step(batch).items():
+            totals[key] += value
+        images += batch["images"].shape[0]
+    elapsed = time.perf_counter() - start
+
+    batch = next(batches)
+    with FlopCounterMode(display=False) as counter:
+        outputs = model(batch["images"])
+        loss = total_loss(losses_module["set"](outputs, batch), weights)
+        loss.backward()
+    flops_per_image = counter.get_total_flops() / batch["images"].shape[0]
+    peak = matmul_peak()
+    achieved = flops_per_image * images / elapsed
+
+    print(f"method {args.method}, batch {run.train.batch_size}, {args.threads} threads, {args.steps} steps")
+    print(f"  {images / elapsed:.1f} images/s, {elapsed / args.steps * 1000:.0f} ms/step")
+    print(f"  model forward+backward: {flops_per_image / 1e9:.3f} GFLOP/image")
+    print(f"  achieved {achieved / 1e9:.2f} GFLOP/s of a {peak / 1e9:.1f} GFLOP/s matmul peak = {achieved / peak:.1%}")
+    print("  where the step goes:")
+    for key, value in totals.items():
+        print(f"    {key:22s} {value / elapsed:6.1%}")
+
+
+if __name__ == "__main__":
+    main()
