@@ -19,18 +19,11 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from weakshot.config import RunConfig
+from weakshot.config import RunConfig, deep_merge
 from weakshot.data.dataset import infinite_loader
 from weakshot.engine.train import TrainInputs, build_dataset, build_loss_modules, build_model, loss_weights
 from weakshot.losses.criterion import total_loss
 from weakshot.model.maskformer import param_groups
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and key in merged else value
-    return merged
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:

@@ -102,7 +102,7 @@ def all_targets():
 
 
 def deep_merge(base, override):
-    """`override` laid over `base`, recursing into mappings (the method's keys win)."""
+    """`override` laid over `base`, recursing into mappings (as weakshot.config.deep_merge)."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):

@@ -129,6 +129,18 @@ class RunConfig:
         return _plain(dataclasses.asdict(self))
 
 
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` laid over ``base``, recursing into mappings: how a method's settings overlay the shared
+    ``training`` settings of the workflow config (rules/common.smk has the same rule, without importing us)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 # Fields that take one of a few words; checked when a config is loaded, so a typo fails before training.
 CHOICES: dict[str, tuple[str, ...]] = {
     "method.supervision": ("full", "base", "weak"),
