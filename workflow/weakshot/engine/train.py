@@ -190,7 +190,7 @@ def train(run: RunConfig, inputs: TrainInputs, *, device: str | None = None, sto
     start, log_lines = 0, []
     if checkpoint.exists():
         # Read the iteration first: the data stream is positioned arithmetically, then RNG state restored.
-        start = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["iteration"])
+        start = int(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["iteration"])
     batches: Iterator[dict] = iter(
         infinite_loader(
             dataset,
