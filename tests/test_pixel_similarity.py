@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakshot.config import SimilarityConfig
+from weakshot.losses import pixel_similarity
 from weakshot.losses.pixel_similarity import (
     BalancedWeights,
     PixelSimilarityLoss,
@@ -281,11 +282,11 @@ class _StubTeacher(nn.Module):
         self.invert = invert
         self.bias = nn.Parameter(torch.zeros(2))
 
-    def logits(self, pairs: torch.Tensor, stats: str = "auto") -> torch.Tensor:
-        return self.bias.expand(*pairs.shape[:-1], 2)
+    def pair_logits(self, first: torch.Tensor, second: torch.Tensor, stats: str = "auto") -> torch.Tensor:
+        return self.bias.expand(*first.shape[:-1], second.shape[-2], 2)
 
-    def forward(self, pairs: torch.Tensor, stats: str = "auto") -> torch.Tensor:
-        same = (pairs[..., : self.dim] * pairs[..., self.dim :]).sum(-1).clamp(0, 1)
+    def pair_probs(self, first: torch.Tensor, second: torch.Tensor, stats: str = "auto") -> torch.Tensor:
+        same = (first @ second.transpose(-1, -2)).clamp(0, 1)  # [f_j; g_k]: f_j . g_k
         return 1 - same if self.invert else same
 
 
@@ -337,3 +338,146 @@ def test_pred_masks_at_another_resolution_are_sampled_bilinearly() -> None:
     a = loss(mf, logits, masks, batch, generator=_generator())["loss_distill"]
     b = loss(mf, logits, fine, batch, generator=_generator())["loss_distill"]
     assert a.item() == pytest.approx(b.item(), rel=1e-4)
+
+
+# --- the pair-grid evaluation against the plain reference ----------------------------------------------
+
+
+class _GridSimNet(SimNet):
+    """The straightforward reference: every pair vector built (pair_grid), then the plain network."""
+
+    def pair_logits(self, first: torch.Tensor, second: torch.Tensor, stats: str = "auto") -> torch.Tensor:
+        return self.logits(pair_grid(first, second), stats)
+
+    def pair_probs(self, first: torch.Tensor, second: torch.Tensor, stats: str = "auto") -> torch.Tensor:
+        return self(pair_grid(first, second), stats)
+
+
+def _scrambled_norms(net: nn.Module, seed: int = 0) -> None:
+    """Non-trivial batch-norm parameters and running statistics (and so non-trivial running-mode paths)."""
+    g = _generator(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g))  # some negative scales too
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def _assert_close_grads(reference: nn.Module, fast: nn.Module, rtol: float, atol: float) -> None:
+    """Parameter gradients equal up to ``rtol`` and ``atol`` times the largest gradient (the Linear biases in
+    front of batch-statistics norms have a true gradient of 0: rounding noise in the reference, 0 here)."""
+    scale = max(p.grad.abs().max().item() for p in reference.parameters())
+    for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
+        assert torch.allclose(q.grad, p.grad, rtol=rtol, atol=atol * scale), name
+
+
+@pytest.mark.parametrize("chunk_rows", [8, 4096])  # many chunks (grids cut along j) / whole grids together
+@pytest.mark.parametrize("width,in_dim,blocks", [(8, 3, 3), (6, 3, 2), (5, 4, 1)])  # (6, 3): identity residual
+@pytest.mark.parametrize("stats,train", [("auto", True), ("batch", True), ("running", True), ("auto", False)])
+def test_pair_logits_equal_the_pair_grid_reference(monkeypatch, chunk_rows, width, in_dim, blocks, stats, train):
+    monkeypatch.setattr(pixel_similarity, "_CHUNK_ROWS", chunk_rows)
+    torch.manual_seed(0)
+    fast = SimNet(in_dim, width, blocks).double().train(train)
+    _scrambled_norms(fast)
+    reference = _GridSimNet(in_dim, width, blocks).double().train(train)
+    reference.load_state_dict(fast.state_dict())
+    g = _generator(1)
+    first = (torch.randn(3, 2, 7, in_dim, generator=g, dtype=torch.float64) * 2 + 1).requires_grad_()
+    second = torch.randn(3, 2, 5, in_dim, generator=g, dtype=torch.float64).requires_grad_()
+    weights = torch.randn(3, 2, 7, 5, 2, generator=g, dtype=torch.float64)
+
+    outputs, inputs = [], []
+    for net in (reference, fast):
+        f, s = first.detach().clone().requires_grad_(), second.detach().clone().requires_grad_()
+        out = net.pair_logits(f, s, stats)
+        (out * weights).sum().backward()
+        outputs.append(out)
+        inputs.append((f, s))
+    assert outputs[1].shape == (3, 2, 7, 5, 2)
+    assert torch.allclose(outputs[1], outputs[0], rtol=1e-10, atol=1e-10)
+    for x_ref, x_fast in zip(*inputs):
+        assert torch.allclose(x_fast.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
+    _assert_close_grads(reference, fast, rtol=1e-9, atol=1e-9)
+    for (name, x), y in zip(reference.named_buffers(), fast.buffers()):  # running statistics, batch counts
+        assert torch.allclose(y, x, rtol=1e-12, atol=1e-12), name
+    with torch.no_grad():
+        probs = fast.pair_probs(first, second, "running")
+        assert torch.allclose(probs, reference(pair_grid(first, second), "running"), atol=1e-12)
+
+
+def _random_scene(seed: int, b: int = 4, h: int = 8, w: int = 8):
+    """Random weak labels at stride 4 (base classes 1-3 in blobs, 255 elsewhere), padding on some images,
+    novel classes 5 and 6 spread over the crops' targets; cross pairs and a self pair."""
+    g = _generator(seed)
+    coarse = torch.randint(0, 5, (b, h // 2, w // 2), generator=g)
+    labels = coarse.repeat_interleave(8, 1).repeat_interleave(8, 2)
+    labels = torch.where(labels >= 4, 255, labels)
+    labels[labels == 0] = 255
+    pad = torch.zeros(labels.shape, dtype=torch.bool)
+    pad[1, :, 24:] = True
+    pad[3, 28:] = True
+    targets = []
+    for i in range(b):
+        base = sorted({int(v) for v in labels[i].unique() if v != 255})
+        targets.append(_targets(base, [5] if i % 2 == 0 else [5, 6]))
+    batch = _batch(labels, targets, [(0, 1), (2, 3), (1, 2), (3, 3)], pad)
+    return batch, _outputs(b, 6, h, w, q=5, seed=seed)
+
+
+@pytest.mark.parametrize("chunk_rows", [16, 4096])
+@pytest.mark.parametrize("teacher_bn", ["batch", "running"])
+@pytest.mark.parametrize("distill_loss", ["cce", "ce"])
+def test_loss_equals_the_pair_grid_reference_over_steps(monkeypatch, chunk_rows, teacher_bn, distill_loss):
+    """Same losses, gradients, metrics, balance counts and running statistics as the straightforward
+    implementation for the same random draws, over consecutive training steps (the second one reuses the
+    first one's work buffers), with an optimiser step in between."""
+    monkeypatch.setattr(pixel_similarity, "_CHUNK_ROWS", chunk_rows)
+    cfg = SimilarityConfig(base_points=9, novel_points=7, distill_loss=distill_loss, simnet_width=8)
+    torch.manual_seed(0)
+    fast = PixelSimilarityLoss(cfg, embed_dim=6, teacher_bn=teacher_bn)
+    _scrambled_norms(fast.simnet)
+    reference = PixelSimilarityLoss(cfg, embed_dim=6, teacher_bn=teacher_bn)
+    reference.simnet = _GridSimNet(6, cfg.simnet_width, cfg.simnet_blocks)
+    reference.load_state_dict(fast.state_dict())
+    optimisers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (reference, fast)]
+
+    for step in range(3):
+        batch, (mf, logits, masks) = _random_scene(seed=step)
+        results = []
+        for module, optimiser in zip((reference, fast), optimisers):
+            inputs = [t.detach().clone().requires_grad_() for t in (mf, logits, masks)]
+            out = module(*inputs, batch, generator=_generator(10 + step))
+            optimiser.zero_grad()
+            (out["loss_sim"] + out["loss_distill"]).backward()
+            results.append((out, inputs))
+        (out_ref, in_ref), (out_fast, in_fast) = results
+        for key in ("loss_sim", "loss_distill"):
+            assert out_fast[key].item() == pytest.approx(out_ref[key].item(), rel=1e-5, abs=1e-7), key
+        assert out_ref["loss_distill"].item() != 0.0
+        for x_ref, x_fast in zip(in_ref[1:], in_fast[1:]):  # pred_logits, pred_masks
+            assert torch.allclose(x_fast.grad, x_ref.grad, rtol=1e-4, atol=1e-6 * x_ref.grad.abs().max())
+        _assert_close_grads(reference, fast, rtol=1e-4, atol=1e-5)
+        for key, value in reference.metrics.items():
+            assert fast.metrics[key].item() == pytest.approx(value.item(), rel=1e-5), key
+        for (name, x), y in zip(reference.named_buffers(), fast.buffers()):
+            assert torch.allclose(y, x, rtol=1e-5, atol=1e-6), name
+        for optimiser in optimisers:
+            optimiser.step()
+
+
+def test_pair_logits_graph_without_backward_and_single_backward() -> None:
+    net = SimNet(3, 8, 2)
+    first, second = torch.randn(2, 6, 3), torch.randn(2, 5, 3)
+    net.pair_logits(first, second).sum()  # a graph dropped without backward: its buffers are simply freed
+    out = net.pair_logits(first, second)
+    expected = net.logits(pair_grid(first, second))
+    assert torch.allclose(out, expected, atol=1e-5)
+    loss = out.square().sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="single backward"):
+        loss.backward()
+    with torch.no_grad():  # no graph: the buffers go straight back for the next call
+        assert torch.allclose(net.pair_logits(first, second, "batch"), net.logits(pair_grid(first, second), "batch"), atol=1e-5)
+    assert len(net._workspace.free) >= 2

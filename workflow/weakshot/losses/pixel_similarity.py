@@ -53,6 +53,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from weakshot.config import SimilarityConfig
 from weakshot.losses.matcher import nearest_downsample
@@ -82,10 +83,9 @@ def _norm(bn: nn.BatchNorm1d, x: Tensor, stats: str) -> Tensor:
 
 def _bn_mode(bn: nn.BatchNorm1d, stats: str) -> tuple[bool, bool]:
     """What :func:`_norm` does for ``stats``: (normalise with the batch's statistics?, update the running
-    statistics with them?), following ``nn.BatchNorm1d.forward`` for ``"auto"``."""
+    statistics with them?); ``"auto"`` follows ``nn.BatchNorm1d.forward``."""
     if stats == "auto":
-        batch = bn.training or bn.running_mean is None
-        return batch, bn.training and bn.running_mean is not None
+        return bn.training or bn.running_mean is None, bn.training and bn.running_mean is not None
     if stats == "batch":
         return True, False
     if stats == "running":
@@ -93,24 +93,21 @@ def _bn_mode(bn: nn.BatchNorm1d, stats: str) -> tuple[bool, bool]:
     raise ValueError(f"stats must be 'auto', 'batch' or 'running', not {stats!r}")
 
 
+def _running_statistics(bn: nn.BatchNorm1d) -> tuple[Tensor, Tensor]:
+    if bn.running_mean is None or bn.running_var is None:
+        raise RuntimeError("this batch norm keeps no running statistics")
+    return bn.running_mean, bn.running_var
+
+
 @torch.no_grad()
 def _update_running(bn: nn.BatchNorm1d, mean: Tensor, var: Tensor, count: int) -> None:
-    """The running-statistics update of ``nn.BatchNorm1d`` in training (unbiased variance, momentum or,
-    when ``momentum`` is None, the cumulative average), from a batch's mean and biased variance."""
+    """``nn.BatchNorm1d``'s training-time update of the running statistics from a batch of ``count`` rows
+    with mean ``mean`` and biased variance ``var`` (momentum, or the cumulative average without one)."""
     assert bn.running_mean is not None and bn.running_var is not None and bn.num_batches_tracked is not None
     bn.num_batches_tracked.add_(1)
     factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
     bn.running_mean.lerp_(mean.to(bn.running_mean), factor)
     bn.running_var.lerp_((var * (count / max(count - 1, 1))).to(bn.running_var), factor)
-
-
-def _bn_statistics(bn: nn.BatchNorm1d, batch: bool, mean: Tensor | None, var: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The (mean, biased variance) a batch norm normalises with: the batch's or the running ones."""
-    if batch:
-        assert mean is not None and var is not None
-        return mean, var
-    assert bn.running_mean is not None and bn.running_var is not None, "no running statistics to use"
-    return bn.running_mean, bn.running_var
 
 
 class SimBlock(nn.Module):
@@ -140,9 +137,9 @@ class SimNet(nn.Module):
     spatial axes, i.e. over every pair: on a flat N x 2D batch of pairs, Linear + BatchNorm1d is the same
     function with the same parameters, and needs no fake spatial layout.
 
-    Two ways to run it, one function: :meth:`logits` / :meth:`forward` take explicit pair vectors (the
-    reference implementation), :meth:`pair_logits` / :meth:`pair_probs` take two point sets and evaluate
-    all J x K ordered pairs without building them (what the losses use; see :meth:`pair_logits`).
+    Two ways to evaluate the same function: :meth:`logits` / :meth:`forward` take explicit pair vectors
+    (the plain reference), :meth:`pair_logits` / :meth:`pair_probs` take two point sets and evaluate all
+    their ordered pairs without building them (what the losses use, much faster at training scale).
     """
 
     def __init__(self, in_dim: int, width: int = 256, blocks: int = 3) -> None:
@@ -152,7 +149,7 @@ class SimNet(nn.Module):
         dims = [2 * in_dim] + [width] * blocks
         self.blocks = nn.ModuleList(SimBlock(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.head = nn.Linear(width, 2)
-        self._workspace = _Workspace()  # work buffers of pair_logits kept between calls (CPU; see there)
+        self._workspace = _Workspace()  # pair_logits' large buffers, reused from call to call on CPU
 
     def logits(self, pairs: Tensor, stats: str = "auto") -> Tensor:
         """Two logits (dissimilar, similar) per pair: ``[..., 2D]`` -> ``[..., 2]``."""
@@ -168,98 +165,108 @@ class SimNet(nn.Module):
 
     def pair_logits(self, first: Tensor, second: Tensor, stats: str = "auto") -> Tensor:
         """``logits(pair_grid(first, second), stats)`` without the pair grid: ``[..., J, D]`` x
-        ``[..., K, D]`` -> ``[..., J, K, 2]``; same values (up to float rounding), gradients and running
-        statistics updates.
+        ``[..., K, D]`` -> ``[..., J, K, 2]``.
 
-        Why each step is exact:
+        Same values up to float rounding, same gradients (the Linear biases in front of batch-statistics
+        norms get exactly 0, their true gradient, where the reference gets rounding noise), same updates of
+        the running statistics. Why the shortcuts are exact:
 
-        * First Linear layers (``fc1`` and ``project`` of block 0) on ``[f_j; g_k]``: split the weight as
-          ``[W_a, W_b]``, then ``W [f_j; g_k] + c = (W_a f_j + c) + W_b g_k``. Two J x W and K x W products
-          replace a (J*K) x 2D one, and the J*K x 2D concatenation is never built.
-        * Its batch norm: the pre-activations of a grid are ``a_j + b_k``; with ``m_a, m_b, v_a, v_b`` the
-          means and (biased) variances of ``a`` over j and ``b`` over k, the grid's mean is ``m_a + m_b``
-          and, because the centred cross term sums to zero over a full grid, its variance is ``v_a + v_b``.
-          All grids hold J*K pairs, so the batch mean is the mean of the grid means and the batch variance
-          the mean of ``v_a + v_b + (m_a + m_b - mean)^2``. The norm is then a per-channel affine map, which
-          keeps the sum separable: ``bn(a_j + b_k) = (s a_j + t) + s b_k``. Only the ReLU needs the grid.
-        * The rest of the network (ReLU onwards) runs in :class:`_PairTail`, a hand-written forward and
-          backward that streams over chunks of grids with reused buffers (see there).
+        * Block 0's first Linear layers (``fc1`` and ``project``) on ``[f_j; g_k]``: with the weight split as
+          ``[W_a, W_b]``, ``W [f_j; g_k] + c = (W_a f_j + c) + W_b g_k``. Two J x W and K x W products
+          replace a (J*K) x 2D one, and the (J*K) x 2D concatenation is never built.
+        * Its batch norm: a grid's pre-activations are ``a_j + b_k``. With ``m_a, v_a`` the mean and
+          (biased) variance of ``a`` over j and ``m_b, v_b`` those of ``b`` over k, the grid's mean is
+          ``m_a + m_b`` and its variance ``v_a + v_b`` (the centred cross term sums to zero over a full
+          grid). Every grid holds J*K pairs, so the batch mean is the mean of the grid means and the batch
+          variance the mean of ``v_a + v_b + (m_a + m_b - mean)^2``. Normalising is then a per-channel
+          affine map, which keeps the sum separable: ``s (a_j + b_k) + t = (s a_j + t) + s b_k``. Only
+          the ReLU needs the grid.
+        * From that ReLU on, :class:`_PairTail` runs the rest of the network on the grids with a hand-written
+          forward and backward pass (see there for what it does differently and why that is exact).
         """
         lead = torch.broadcast_shapes(first.shape[:-2], second.shape[:-2])
         j, k, d = first.shape[-2], second.shape[-2], first.shape[-1]
-        first = first.expand(*lead, j, d).reshape(-1, j, d)
-        second = second.expand(*lead, k, d).reshape(-1, k, d)
-        count = first.shape[0] * j * k
+        first = first.expand(*lead, j, d).reshape(-1, j, d)  # L x J x D
+        second = second.expand(*lead, k, d).reshape(-1, k, d)  # L x K x D
 
         block = self.blocks[0]
         w_a, w_b = block.fc1.weight.split(d, dim=1)
         a, b = F.linear(first, w_a, block.fc1.bias), F.linear(second, w_b)  # L x J x W, L x K x W
         batch, update = _bn_mode(block.bn1, stats)
-        mean = var = None
         if batch:
             grid_mean = a.mean(1) + b.mean(1)  # L x W
             mean = grid_mean.mean(0)
             var = (a.var(1, correction=0) + b.var(1, correction=0) + (grid_mean - mean).square()).mean(0)
             if update:
-                _update_running(block.bn1, mean.detach(), var.detach(), count)
-        mean, var = _bn_statistics(block.bn1, batch, mean, var)
+                _update_running(block.bn1, mean.detach(), var.detach(), first.shape[0] * j * k)
+        else:
+            mean, var = _running_statistics(block.bn1)
         scale = block.bn1.weight * torch.rsqrt(var + block.bn1.eps)
         a, b = a * scale + (block.bn1.bias - mean * scale), b * scale
 
         if block.project is not None:  # residual relu(project([f; g])), split the same way
             p_a, p_b = block.project.weight.split(d, dim=1)
             res_a, res_b, res_relu = F.linear(first, p_a, block.project.bias), F.linear(second, p_b), True
-        else:  # identity residual [f; g] = [f; 0] + [0; g]
+        else:  # identity residual: [f; g] = [f; 0] + [0; g]
             res_a, res_b, res_relu = F.pad(first, (0, d)), F.pad(second, (d, 0)), False
 
-        layers = [(block.fc2, block.bn2)] + [(fc, bn) for blk in self.blocks[1:] for fc, bn in ((blk.fc1, blk.bn1), (blk.fc2, blk.bn2))]
-        modes = [_bn_mode(bn, stats) for _, bn in layers]
+        layers = [(block.fc2, block.bn2)]
+        layers += [(fc, bn) for blk in self.blocks[1:] for fc, bn in ((blk.fc1, blk.bn1), (blk.fc2, blk.bn2))]
         params = [p for fc, bn in layers for p in (fc.weight, fc.bias, bn.weight, bn.bias)]
-        params += [self.head.weight, self.head.bias]
-        inputs = [a, b, res_a, res_b, *params]
-        keep = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-        workspace = self._workspace if a.device.type == "cpu" else None
-        spec = _TailSpec([bn for _, bn in layers], modes, res_relu, keep, workspace)
-        out = _PairTail.apply(spec, *inputs)
-        return out.view(*lead, j, k, 2)
+        inputs = [a, b, res_a, res_b, *params, self.head.weight, self.head.bias]
+        spec = _TailSpec(
+            norms=[bn for _, bn in layers],
+            modes=[_bn_mode(bn, stats) for _, bn in layers],
+            residual_relu=res_relu,
+            keep=torch.is_grad_enabled() and any(t.requires_grad for t in inputs),
+            workspace=self._workspace if a.device.type == "cpu" else None,
+        )
+        return _PairTail.apply(spec, *inputs).view(*lead, j, k, 2)
 
     def pair_probs(self, first: Tensor, second: Tensor, stats: str = "auto") -> Tensor:
-        """P(similar) of all pairs ``[first_j; second_k]``: ``[..., J, D]`` x ``[..., K, D]`` -> ``[..., J, K]``."""
-        return self.pair_logits(first, second, stats).float().softmax(-1)[..., 1]
+        """P(similar) of all pairs ``[first_j; second_k]``: ``[..., J, D]`` x ``[..., K, D]`` -> ``[..., J, K]``,
+        as ``softmax(l)[1] = sigmoid(l_1 - l_0)`` (one pass, not a softmax along a size-2 axis)."""
+        logits = self.pair_logits(first, second, stats).float()
+        return torch.sigmoid(logits[..., 1] - logits[..., 0])
 
 
 # --- SimNet on pair grids: the streamed tail ---------------------------------------------------------------
 
-# Rows (pairs) per chunk on CPU: large enough to keep per-call Python overhead small, small enough that the
-# few chunk-sized scratch tiles (rows x width floats each) stay in cache between the ops of one chunk.
-_CHUNK_ROWS = 8192
+# Rows (pairs) per chunk on CPU: large enough that per-chunk overhead (Python, kernel launch) stays small,
+# small enough that a chunk's scratch tiles (rows x width floats each) stay in cache between its operations.
+_CHUNK_ROWS = 6144
 
 
 class _Workspace:
-    """Large work buffers handed back by one :class:`_PairTail` evaluation for the next one to reuse.
+    """Large buffers handed back by one :class:`_PairTail` evaluation for the next one to reuse.
 
-    Freshly allocated memory costs a page fault per 4 KB page when first written: on CPU that is about as
-    long as one of the tail's matrix products per N x W buffer, and PyTorch has no caching allocator on CPU
-    (an 80 MB tensor goes back to the OS when freed). Training calls the tail with the same shapes every
-    step, so the buffers of the last calls are kept (6 N x W buffers for SimLoss, 2 for the teacher: about
-    650 MB at 16 pairs, J = 100, width 64; less than the pair-grid implementation's peak). A buffer is
-    only handed back once nothing reads it any more: at the end of a forward pass without gradient, at the
-    end of the backward pass otherwise; a graph dropped without backward simply frees its buffers. Only
-    buffers of the last shape are kept, and copies and pickles of the module start empty.
+    Fresh memory costs a page fault per 4 KB page when first written, for an N x W buffer about as long as
+    one of the tail's matrix products, and PyTorch has no caching allocator on CPU (a tensor that large goes
+    back to the OS when freed). Training calls the tail with the same shapes at every step, so the buffers
+    of the last calls are kept: 8 N x W buffers for SimLoss (3 blocks) and 2 for the teacher, about 800 MB
+    at 16 pairs, J = 100, width 64 (the pair-grid implementation peaked at about twice that). A buffer
+    comes back only when nothing reads it any more: at the end of a forward pass without gradient, at the
+    end of the backward pass otherwise (a graph dropped without backward simply frees its buffers). Only
+    buffers like the latest ones (shape, dtype, device) are kept; copies and pickles start empty.
     """
 
     def __init__(self) -> None:
         self.free: list[Tensor] = []
 
+    @staticmethod
+    def _kind(buffer: Tensor) -> tuple:
+        return buffer.shape, buffer.dtype, buffer.device
+
     def take(self, rows: int, width: int, like: Tensor) -> Tensor:
+        kind = (torch.Size([rows, width]), like.dtype, like.device)
         for i, buffer in enumerate(self.free):
-            if buffer.shape == (rows, width) and buffer.dtype == like.dtype and buffer.device == like.device:
+            if self._kind(buffer) == kind:
                 return self.free.pop(i)
         return like.new_empty(rows, width)
 
     def give(self, buffers: Sequence[Tensor]) -> None:
-        shape = buffers[0].shape
-        self.free = [b for b in self.free if b.shape == shape] + list({id(b): b for b in buffers}.values())
+        unique = list({id(b): b for b in buffers}.values())
+        self.free = [b for b in self.free if self._kind(b) == self._kind(unique[0])] + unique
 
     def __deepcopy__(self, memo: dict) -> _Workspace:
         return _Workspace()
@@ -271,74 +278,96 @@ class _Workspace:
 class _TailSpec(NamedTuple):
     """Non-tensor arguments of :class:`_PairTail`."""
 
-    norms: list[nn.BatchNorm1d]  # the tail's batch norms, layer order (for eps and running statistics)
-    modes: list[tuple[bool, bool]]  # per layer: (batch statistics?, update running statistics?)
-    residual_relu: bool  # block 0's residual is relu(project(x)) (else the identity)
-    keep: bool  # keep every layer's pre-activation for the backward pass
+    norms: list[nn.BatchNorm1d]  # the tail's batch norms in layer order (eps, running statistics)
+    modes: list[tuple[bool, bool]]  # per layer: (batch statistics?, update the running statistics?)
+    residual_relu: bool  # block 0's residual is relu(project(x)), else the identity
+    keep: bool  # keep what the backward pass needs (the call records a graph)
     workspace: _Workspace | None  # where the N x W buffers come from and go back to (None: allocate)
 
 
 class _PairTail(torch.autograd.Function):
-    """SimNet from block 0's first ReLU to the head logits, on L grids of J x K pairs (N = L*J*K rows).
+    """SimNet from block 0's first ReLU to the head's logits, on L grids of J x K pairs (N = L*J*K rows).
 
-    Inputs: ``a`` (L x J x W) and ``b`` (L x K x W), block 0's normalised first layer, split as in
+    Inputs: ``a`` (L x J x W) and ``b`` (L x K x W), block 0's normalised first layer split as in
     :meth:`SimNet.pair_logits` (hidden ``h0 = relu(a_j + b_k)``); ``res_a``, ``res_b``, its residual split
-    the same way (``r = relu(res_a_j + res_b_k)``, no ReLU for an identity residual); then, per tail layer
-    (block 0's fc2/bn2, then fc1/bn1 and fc2/bn2 of every further block), ``weight, bias, gamma, beta``;
-    then the head's ``weight, bias``. Output: N x 2 logits, grid-major (row ``(l * J + j) * K + k``).
+    the same way (``r = relu(res_a_j + res_b_k)``, no ReLU for an identity residual); per tail layer (block
+    0's fc2/bn2, then fc1/bn1 and fc2/bn2 of each further block) ``weight, bias, gamma, beta``; the head's
+    ``weight, bias``. Output: N x 2 logits, grid-major (row ``(l * J + j) * K + k``).
 
-    The layers are ``z_n = W_n x_n + c_n``, ``y_n = relu(bn_n(z_n))``. Layer 0's input is ``h0``; an odd
-    layer (a block's fc1) reads the residual stream ``x``, an even layer >= 2 (its fc2) reads the previous
-    layer's ``y``. The stream starts at ``r`` and every even layer adds its ``y`` to it; the head reads it.
+    Layer ``n`` computes ``z_n = W_n x_n + c_n`` and ``y_n = relu(bn_n(z_n))``. Layer 0 reads ``h0``, an
+    odd layer (a block's fc1) the residual stream, an even layer >= 2 (its fc2) ``y_{n-1}``. The stream
+    starts as ``r``, each even layer adds its ``y`` to it, and the head reads its final value.
 
-    This is the same arithmetic as ``SimNet.logits`` on the pair rows; what differs is how it is scheduled,
-    because at training scale (N = 320k pairs, W = 64) every N x W tensor is 80 MB and the cost is fresh
-    memory and passes over it rather than arithmetic:
+    The arithmetic is that of ``SimNet.logits`` on the pair rows, in a different schedule. At training
+    scale (N = 320k, W = 64) each N x W tensor is 80 MB; after the matrix products, what costs is fresh
+    memory and passes over such tensors. So:
 
-    * Work goes through the rows chunk by chunk (whole grids), each chunk's elementwise ops on small scratch
-      tiles that stay in cache. Batch norm needs its statistics over all rows before normalising, so each
-      layer takes one pass that stores its pre-activations ``z_n`` (N x W) and collects their per-chunk mean
-      and centred sum of squares, merged exactly at the end (Chan et al.'s pairwise formula); the next pass
-      normalises them on the fly.
-    * Nothing else N x W is stored: ``h0`` and ``r`` are rebuilt from the J x W / K x W inputs, ``y_n``
-      from ``z_n``, and the stream from ``r`` and the ``y`` of the even layers, in the same order of
-      operations as in the forward pass (so with the same float values).
-    * Forward without gradient (the distillation teacher) keeps one ``z`` buffer (each pass overwrites the
-      rows it has read) and the stream: 2 x N x W. With gradient, all ``z_n`` and the stream's buffer, which
-      the backward pass reuses for the stream's gradient; backward stores each fc1's input gradient in the
-      ``z`` buffer of the layer above it, which is dead by then. No N x W tensor is allocated in backward.
-    * Backward of BatchNorm+ReLU is written out: with ``s = gamma / sigma``, ``xh = (z - mu) / sigma`` and
-      ``du = dy * [y > 0]``, ``dz = s * (du - mean(du) - xh * mean(du * xh))`` (batch statistics; the last
-      two terms are the statistics' own gradients, absent with running statistics),
-      ``dgamma = sum(du * xh)``, ``dbeta = sum(du)``. Those two sums are global, so they are collected in the
-      pass of the layer above, and ``dz`` is formed in the layer's own pass.
+    * Rows go chunk by chunk (whole grids, or slices of one), each chunk's elementwise work on a few
+      scratch tiles that stay in cache. Batch norm needs statistics over all rows before it normalises, so
+      each layer is one pass that stores ``z_n`` and collects per-chunk means and variances (merged exactly
+      at the end); the next pass normalises ``z_n`` on the fly.
+    * N x W buffers: every ``z_n`` and the stream after each block when a graph is recorded; without one
+      (the distillation teacher) a single ``z`` buffer (a pass overwrites the rows it has just read) and a
+      single stream buffer. ``h0``, ``r`` and the ``y_n`` are rebuilt from the small inputs and the stored
+      ``z_n`` with the forward pass's own operations (so with its float values). The backward pass keeps
+      the stream's gradient in the final stream's buffer, and the gradient of ``y_{n-1}``'s pre-activation
+      in ``z_n``'s buffer once it has read it: it allocates no N x W tensor. On CPU the buffers come from
+      and go back to the SimNet's :class:`_Workspace`.
+    * The backward of BatchNorm + ReLU is written out. With ``s = gamma / sigma``, ``xh = (z - mean) /
+      sigma`` and ``du = dy * [y > 0]``: ``dz = s * (du - mean(du) - xh * mean(du * xh))`` with batch
+      statistics (the last two terms are the gradient through the statistics; with running statistics
+      ``dz = s * du``), ``dgamma = sum(du * xh)``, ``dbeta = sum(du)``. Those sums run over all rows, so
+      they are collected in the pass of the layer above, and ``dz`` is formed in the layer's own pass.
+    * Layer ``n`` stores ``z_n - c_n``, without the Linear bias: the norm subtracts a mean, so the bias
+      only enters per-channel constants (``center``: the mean of the stored values, or the running mean
+      minus the bias) and the product is a plain ``mm``. With batch statistics the output does not depend
+      on ``c_n`` at all, and its gradient is exactly 0; with running ones it is ``sum(dz) = s * dbeta``.
+
+    Elementwise steps use PyTorch's own fused kernels where they exist: BatchNorm's statistics and
+    backward-reduction kernels, and ReLU's backward (``threshold_backward``), which masks a gradient by a
+    pre-activation in one pass without a mask tensor.
     """
 
     @staticmethod
-    def forward(ctx: Any, spec: _TailSpec, a: Tensor, b: Tensor, res_a: Tensor, res_b: Tensor, *params: Tensor) -> Tensor:
+    def forward(
+        ctx: Any, spec: _TailSpec, a: Tensor, b: Tensor, res_a: Tensor, res_b: Tensor, *params: Tensor
+    ) -> Tensor:
         tail = _Tail(spec, a, b, res_a, res_b, params)
         logits = tail.forward()
         if spec.keep:
-            ctx.save_for_backward(a, b, res_a, res_b, *params)
+            ctx.save_for_backward(a, b, res_a, res_b, *params)  # for autograd's in-place modification check
             ctx.tail = tail
         return logits
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        ctx.saved_tensors  # noqa: B018 -- raises if an input was modified in place since the forward pass
         tail = getattr(ctx, "tail", None)
         if tail is None:
-            raise RuntimeError("backward through the pair SimNet twice (or after a forward without gradient)")
-        ctx.tail = None  # its buffers are overwritten by the backward pass
+            raise RuntimeError("the pair SimNet's graph supports a single backward pass")
+        ctx.tail = None  # the backward pass consumes its buffers
         return (None, *tail.backward(grad))
 
 
-class _Tail:
-    """One evaluation of :class:`_PairTail`: geometry, buffers and the batch-norm constants of each layer.
+def _relu_grad(grad: Tensor, pre: Tensor, out: Tensor) -> Tensor:
+    """``grad * [pre > 0]`` written to ``out`` (which may be ``pre``): ReLU's own backward kernel."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, pre, 0.0, grad_input=out)
 
-    Layer ``n`` stores ``z_n - c_n`` (the product without the Linear bias ``c_n``): batch norm subtracts a
-    mean anyway, so the bias only enters the per-channel constants (``center`` below), and the product is a
-    plain ``mm`` with no pass to broadcast the bias into its output.
-    """
+
+class _Chunk(NamedTuple):
+    """Consecutive rows: of grids ``grids``, the points ``js`` of the first set (all J when the chunk
+    holds several grids) against all K of the second."""
+
+    index: int
+    grids: slice
+    js: slice
+    size: int  # rows
+
+
+class _Tail:
+    """One evaluation of :class:`_PairTail`: geometry, buffers (used through per-chunk views made once per
+    buffer) and each layer's normalisation constants."""
 
     def __init__(
         self, spec: _TailSpec, a: Tensor, b: Tensor, res_a: Tensor, res_b: Tensor, params: Sequence[Tensor]
@@ -351,207 +380,205 @@ class _Tail:
         self.gamma = list(params[2:-2:4])
         self.beta = list(params[3:-2:4])
         self.head_weight, self.head_bias = params[-2], params[-1]
-        grids, self.j, width = a.shape
+        self.grids, self.j, width = a.shape
         self.k = b.shape[1]
-        self.grid_rows = self.j * self.k
-        self.rows = grids * self.grid_rows
-        per = max(1, _CHUNK_ROWS // self.grid_rows) if a.device.type == "cpu" else grids
-        self.chunks = [(g, min(g + per, grids)) for g in range(0, grids, per)]
-        self.tiles = [a.new_empty(min(per, grids) * self.grid_rows, width) for _ in range(3)]
-        # Per layer, set by the forward pass: y = relu(z * scale + shift) and xh = z * inv + offset, for the
-        # stored z (bias excluded).
+        self.rows = self.grids * self.j * self.k
+        self.chunks = self._split(_CHUNK_ROWS if a.device.type == "cpu" else self.rows)
+        self.sizes = [chunk.size for chunk in self.chunks]
+        tiles = [a.new_empty(max(self.sizes), width) for _ in range(3)]  # scratch, viewed per chunk size
+        self.tiles = [{size: tile[:size] for size in set(self.sizes)} for tile in tiles]
+        # Per layer, from the forward pass: y = relu(z * scale + shift), xh = (z - center) * inv.
+        self.center: list[Tensor] = []
+        self.inv: list[Tensor] = []
         self.scale: list[Tensor] = []
         self.shift: list[Tensor] = []
-        self.inv: list[Tensor] = []
-        self.offset: list[Tensor] = []
-        self.z: list[Tensor] = []
-        self.stream: Tensor | None = None
+        self.buffers: list[Tensor] = []  # the N x W buffers, for the workspace
+        self.z: list[Sequence[Tensor]] = []  # per layer, z's per-chunk views
+        self.streams: list[Sequence[Tensor]] = []  # per block, the views of the stream after it
 
-    # -- chunk helpers --
+    def _split(self, target: int) -> list[_Chunk]:
+        """Chunks of about ``target`` rows: whole grids, or a grid cut along j when a grid is larger."""
+        j, k, grid_rows = self.j, self.k, self.j * self.k
+        if grid_rows > target:
+            step = -(-j // -(-grid_rows // target))  # ceil(J / number of pieces)
+            bounds = [(g, g + 1, j0, min(j0 + step, j)) for g in range(self.grids) for j0 in range(0, j, step)]
+        else:
+            per = target // grid_rows
+            bounds = [(g, min(g + per, self.grids), 0, j) for g in range(0, self.grids, per)]
+        return [
+            _Chunk(i, slice(g0, g1), slice(j0, j1), (g1 - g0) * (j1 - j0) * k)
+            for i, (g0, g1, j0, j1) in enumerate(bounds)
+        ]
 
-    def _span(self, chunk: tuple[int, int]) -> slice:
-        return slice(chunk[0] * self.grid_rows, chunk[1] * self.grid_rows)
+    def _views(self, buffer: Tensor) -> Sequence[Tensor]:
+        return buffer.split(self.sizes)
 
-    def _tile(self, index: int, chunk: tuple[int, int]) -> Tensor:
-        return self.tiles[index][: (chunk[1] - chunk[0]) * self.grid_rows]
+    def _tile(self, index: int, chunk: _Chunk) -> Tensor:
+        return self.tiles[index][chunk.size]
 
-    def _grid_sum(self, left: Tensor, right: Tensor, chunk: tuple[int, int], out: Tensor, relu: bool) -> Tensor:
-        """``left_j + right_k`` (optionally ReLU'd) for the chunk's grids, written to ``out`` (rows x W)."""
-        g0, g1 = chunk
-        torch.add(left[g0:g1].unsqueeze(2), right[g0:g1].unsqueeze(1), out=out.view(g1 - g0, self.j, self.k, -1))
+    def _grid_sum(self, left: Tensor, right: Tensor, chunk: _Chunk, out: Tensor, relu: bool) -> Tensor:
+        """``left_j + right_k`` (optionally ReLU'd) on the chunk's rows, written to ``out`` (rows x W)."""
+        lhs, rhs = left[chunk.grids, chunk.js].unsqueeze(2), right[chunk.grids].unsqueeze(1)
+        torch.add(lhs, rhs, out=out.view(lhs.shape[0], lhs.shape[1], self.k, -1))
         return out.relu_() if relu else out
 
-    def _grid_reduce(self, grad: Tensor, chunk: tuple[int, int], d_left: Tensor, d_right: Tensor) -> None:
-        """Backward of :meth:`_grid_sum` without the ReLU: ``grad`` summed over k, and over j."""
-        g0, g1 = chunk
-        grid = grad.view(g1 - g0, self.j, self.k, -1)
-        torch.sum(grid, 2, out=d_left[g0:g1])
-        torch.sum(grid, 1, out=d_right[g0:g1])
+    def _grid_reduce(self, grad: Tensor, chunk: _Chunk, d_left: Tensor, d_right: Tensor) -> None:
+        """Backward of :meth:`_grid_sum` before its ReLU: ``grad`` summed over k into ``d_left``, over j
+        into ``d_right`` (which accumulates over the chunks of a grid)."""
+        grid = grad.view(chunk.grids.stop - chunk.grids.start, chunk.js.stop - chunk.js.start, self.k, -1)
+        torch.sum(grid, 2, out=d_left[chunk.grids, chunk.js])
+        d_right[chunk.grids] += grid.sum(1)
 
-    def _activation(self, n: int, chunk: tuple[int, int], out: Tensor) -> Tensor:
-        """``y_n = relu(bn_n(z_n))`` of the chunk."""
-        return torch.addcmul(self.shift[n], self.z[n][self._span(chunk)], self.scale[n], out=out).relu_()
-
-    def _normalised(self, n: int, chunk: tuple[int, int], out: Tensor) -> Tensor:
-        """``xh_n = (z_n - mean) / sigma`` of the chunk."""
-        return torch.addcmul(self.offset[n], self.z[n][self._span(chunk)], self.inv[n], out=out)
-
-    def _relu_grad(self, n: int, chunk: tuple[int, int], dy: Tensor, out: Tensor) -> Tensor:
-        """``dy * [y_n > 0]`` for the chunk: ReLU's own backward kernel (one pass, no mask tensor) on the
-        pre-activation, computed exactly as in the forward pass."""
-        u = torch.addcmul(self.shift[n], self.z[n][self._span(chunk)], self.scale[n], out=out)
-        return torch.ops.aten.threshold_backward.grad_input(dy, u, 0.0, grad_input=out)
-
-    def _stream_at(self, upto: int, chunk: tuple[int, int], out: Tensor, scratch: Tensor) -> Tensor:
-        """The residual stream after (even) layer ``upto``, rebuilt with the forward pass's operations."""
-        self._grid_sum(self.res_a, self.res_b, chunk, out, self.spec.residual_relu)
-        for n in range(0, upto + 1, 2):
-            out.add_(self._activation(n, chunk, scratch))
-        return out
-
-    def _input(self, n: int, chunk: tuple[int, int], out: Tensor, scratch: Tensor) -> Tensor:
-        """Layer ``n``'s input for the chunk, rebuilt in ``out``."""
-        if n == 0:
-            return self._grid_sum(self.a, self.b, chunk, out, relu=True)
-        if n % 2 == 1:
-            return self._stream_at(n - 1, chunk, out, scratch)
-        return self._activation(n - 1, chunk, out)
+    def _pre(self, n: int, chunk: _Chunk, out: Tensor) -> Tensor:
+        """``bn_n(z_n)`` on the chunk's rows: ``y_n`` before its ReLU."""
+        return torch.addcmul(self.shift[n], self.z[n][chunk.index], self.scale[n], out=out)
 
     # -- forward --
 
     def forward(self) -> Tensor:
-        width, layers, rows = self.a.shape[-1], self.num_layers, self.rows
-        stream = self._buffer()
+        layers, blocks = self.num_layers, (self.num_layers + 1) // 2
         if self.spec.keep:
-            self.z = [self._buffer() for _ in range(layers)]
-        else:  # one buffer: each pass overwrites the rows it has just read
-            self.z = [self._buffer()] * layers
-        logits = self.a.new_empty(rows, 2)
-        for n in range(layers + 1):  # n == layers: the head
+            z, streams = [self._buffer() for _ in range(layers)], [self._buffer() for _ in range(blocks)]
+        else:
+            z, streams = [self._buffer()] * layers, [self._buffer()] * blocks
+        self.buffers = z + streams
+        self.z, self.streams = [self._views(t) for t in z], [self._views(t) for t in streams]
+        weight_t = [w.t() for w in self.weight]
+        for n in range(layers + 1):  # n == layers: only the head's input, the final stream
             chunk_stats = []
             for chunk in self.chunks:
-                span = self._span(chunk)
+                i = chunk.index
                 if n == 0:
-                    x = self._grid_sum(self.a, self.b, chunk, self._tile(0, chunk), relu=True)
+                    x = self._grid_sum(self.a, self.b, chunk, self._tile(0, chunk), relu=True)  # h0
                 else:
-                    y = self._activation(n - 1, chunk, self._tile(0, chunk))
-                    if n % 2 == 1:  # a block's input, or the head's: add y to the stream
-                        x = stream[span]
-                        if n == 1:
-                            self._grid_sum(self.res_a, self.res_b, chunk, x, self.spec.residual_relu)
+                    y = self._pre(n - 1, chunk, self._tile(0, chunk)).relu_()
+                    if n == 1:  # the stream after block 0: r + y_0
+                        x = self._grid_sum(self.res_a, self.res_b, chunk, self.streams[0][i], self.spec.residual_relu)
                         x = x.add_(y)
+                    elif n % 2 == 1:  # a later block's input (or the head's): the stream plus y_{n-1}
+                        x = torch.add(self.streams[n // 2 - 1][i], y, out=self.streams[n // 2][i])
                     else:
                         x = y
                 if n == layers:
-                    torch.addmm(self.head_bias, x, self.head_weight.t(), out=logits[span])
                     continue
-                z = torch.mm(x, self.weight[n].t(), out=self.z[n][span])
-                if self.spec.modes[n][0]:
-                    # Mean and biased variance of the chunk's columns in one pass (batch norm's own kernel).
-                    mean, var = torch.ops.aten.batch_norm_update_stats(z, None, None, 0.0)
-                    chunk_stats.append((z.shape[0], mean, var))
+                z_chunk = torch.mm(x, weight_t[n], out=self.z[n][i])
+                if self.spec.modes[n][0]:  # the chunk's column means and biased variances, in one pass
+                    chunk_stats.append(torch.ops.aten.batch_norm_update_stats(z_chunk, None, None, 0.0))
             if n < layers:
                 self._set_norm(n, chunk_stats)
-        self.stream = stream
+        # The head as one product over all rows (an N x 2 result is a slow shape for many small products).
+        logits = torch.addmm(self.head_bias, self.buffers[-1], self.head_weight.t())
         if not self.spec.keep:
             self._release()
         return logits
+
+    def _set_norm(self, n: int, chunk_stats: list[tuple[Tensor, Tensor]]) -> None:
+        """Layer ``n``'s normalisation constants. Batch statistics are merged from the chunks' exactly: the
+        total sum of squares is the chunks' sums of squares plus their sizes times (chunk mean - mean)^2."""
+        bn, (batch, update) = self.spec.norms[n], self.spec.modes[n]
+        if not batch:
+            mean, var = _running_statistics(bn)
+            center = mean - self.bias[n]
+        elif len(chunk_stats) == 1:
+            center, var = chunk_stats[0]
+        else:
+            means, variances = (torch.stack(s) for s in zip(*chunk_stats))  # chunks x W
+            share = means.new_tensor(self.sizes).div_(self.rows).unsqueeze(1)
+            center = (means * share).sum(0)
+            var = ((variances + (means - center).square()) * share).sum(0)
+        if batch and update:
+            _update_running(bn, center + self.bias[n], var, self.rows)
+        inv = torch.rsqrt(var + bn.eps)
+        self.center.append(center)
+        self.inv.append(inv)
+        self.scale.append(self.gamma[n] * inv)
+        self.shift.append(self.beta[n] - center * self.scale[n])
 
     def _buffer(self) -> Tensor:
         workspace, width = self.spec.workspace, self.a.shape[-1]
         return self.a.new_empty(self.rows, width) if workspace is None else workspace.take(self.rows, width, self.a)
 
     def _release(self) -> None:
-        """Hand the N x W buffers back to the workspace (nothing reads them any more)."""
-        if self.spec.workspace is not None and self.stream is not None:
-            self.spec.workspace.give([self.stream, *self.z])
-        self.z, self.stream = [], None
-
-    def _set_norm(self, n: int, chunk_stats: list[tuple[int, Tensor, Tensor]]) -> None:
-        """Layer ``n``'s normalisation constants from its chunks' (count, mean, variance), merged exactly:
-        total sum of squares = sum of the chunks' + sum of count * (chunk mean - mean)^2."""
-        bn, (batch, update) = self.spec.norms[n], self.spec.modes[n]
-        if batch:
-            center = sum(m * (c / self.rows) for c, m, _ in chunk_stats)  # mean of z without its bias
-            var = sum((v + (m - center).square()) * (c / self.rows) for c, m, v in chunk_stats)
-            if update:
-                _update_running(bn, center + self.bias[n], var, self.rows)
-        else:
-            mean, var = _bn_statistics(bn, False, None, None)
-            center = mean - self.bias[n]
-        inv = torch.rsqrt(var + bn.eps)
-        scale = self.gamma[n] * inv
-        self.inv.append(inv)
-        self.offset.append(-center * inv)
-        self.scale.append(scale)
-        self.shift.append(self.beta[n] - center * scale)
+        """Hand the N x W buffers back to the workspace: nothing reads them any more."""
+        if self.spec.workspace is not None and self.buffers:
+            self.spec.workspace.give(self.buffers)
+        self.buffers, self.z, self.streams = [], [], []
 
     # -- backward --
 
     def backward(self, grad: Tensor) -> list[Tensor]:
-        layers, stream, top = self.num_layers, self.stream, self.num_layers - 1
-        assert stream is not None
-        grad = grad.contiguous()
+        layers, top = self.num_layers, self.num_layers - 1
         d_weight = [torch.zeros_like(w) for w in self.weight]
-        d_bias = [torch.zeros_like(c) for c in self.bias]
-        d_gamma = [torch.zeros_like(g) for g in self.gamma]
-        d_beta = [torch.zeros_like(g) for g in self.beta]
-        d_head_weight, d_head_bias = torch.zeros_like(self.head_weight), torch.zeros_like(self.head_bias)
-        d_a, d_b = torch.empty_like(self.a), torch.empty_like(self.b)
-        d_res_a, d_res_b = torch.empty_like(self.res_a), torch.empty_like(self.res_b)
-        d_stream = stream  # the stream's gradient overwrites the stream, chunk by chunk, once it is read
+        d_a, d_b = torch.empty_like(self.a), torch.zeros_like(self.b)
+        d_res_a, d_res_b = torch.empty_like(self.res_a), torch.zeros_like(self.res_b)
+        # Per layer, the per-chunk parts of dgamma = sum(du * xh) and dbeta = sum(du), then their totals.
+        d_gamma: list[list[Tensor]] = [[] for _ in range(layers)]
+        d_beta: list[list[Tensor]] = [[] for _ in range(layers)]
 
-        def collect(n: int, chunk: tuple[int, int], du: Tensor) -> None:
-            """Layer n's global sums: dbeta = sum(du), dgamma = sum(du * xh)."""
-            d_beta[n] += du.sum(0)
-            d_gamma[n] += self._normalised(n, chunk, self._tile(2, chunk)).mul_(du).sum(0)
+        def collect(n: int, chunk: _Chunk, du: Tensor) -> None:
+            """Layer n's sums on the chunk, in one pass of BatchNorm's backward reduction."""
+            _, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+                du, self.z[n][chunk.index], self.gamma[n], None, None, self.center[n], self.inv[n], True, 0.0,
+                [False, True, True],
+            )  # fmt: skip
+            d_gamma[n].append(dgamma)
+            d_beta[n].append(dbeta)
 
-        # Head, logits = W_h x + c_h on the final stream; then the top layer's sums.
-        for chunk in self.chunks:
-            span = self._span(chunk)
-            rows, x = grad[span], stream[span]
-            d_head_weight.addmm_(rows.t(), x)
-            d_head_bias += rows.sum(0)
-            dx = torch.mm(rows, self.head_weight, out=d_stream[span])
-            collect(top, chunk, self._relu_grad(top, chunk, dx, self._tile(1, chunk)))
+        # Head, logits = W_h x + c_h on the final stream, whose buffer then takes the stream's gradient.
+        grad, final = grad.contiguous(), self.buffers[-1]
+        d_head_weight, d_head_bias = grad.t() @ final, grad.sum(0)
+        d_stream = self._views(torch.mm(grad, self.head_weight, out=final))
+        for chunk in self.chunks:  # the top layer's sums
+            du = _relu_grad(d_stream[chunk.index], self._pre(top, chunk, self._tile(1, chunk)), self._tile(1, chunk))
+            collect(top, chunk, du)
 
-        # Layer n's pass: dz_n (its sums are complete), dW_n, its input's gradient, layer n-1's sums. The
-        # gradient of layer n-1's pre-activation goes to z_n's rows, which this pass has just consumed.
+        # Layer n's pass: dz_n (its sums are complete), dW_n, the gradient of its input, layer n-1's sums.
         for n in range(top, -1, -1):
             scale = self.scale[n]
-            if self.spec.modes[n][0]:  # dz = scale * du - scale * mean(du) - xh * scale * mean(du * xh)
-                const, slope = -scale * d_beta[n] / self.rows, -scale * d_gamma[n] / self.rows
+            d_gamma[n], d_beta[n] = [torch.stack(d_gamma[n]).sum(0)], [torch.stack(d_beta[n]).sum(0)]
+            if self.spec.modes[n][0]:
+                # dz = scale * du - scale * mean(du) - xh * scale * mean(du * xh), xh = (z - center) * inv,
+                # as scale * du + slope * z + const: one multiply-add in z, one in du.
+                slope = -scale * d_gamma[n][0] / self.rows * self.inv[n]
+                const = -scale * d_beta[n][0] / self.rows - slope * self.center[n]
             else:  # running statistics are constants: dz = scale * du
-                const, slope = torch.zeros_like(scale), torch.zeros_like(scale)
+                const = slope = torch.zeros_like(scale)
             for chunk in self.chunks:
-                span = self._span(chunk)
-                if n == top:
-                    du = self._relu_grad(n, chunk, d_stream[span], self._tile(1, chunk))
+                i = chunk.index
+                if n == top:  # du = d_stream * [y_top > 0]
+                    du = _relu_grad(d_stream[i], self._pre(n, chunk, self._tile(1, chunk)), self._tile(1, chunk))
+                else:  # written by layer n+1's pass
+                    du = self.z[n + 1][i]
+                dz = torch.addcmul(const, self.z[n][i], slope, out=self._tile(0, chunk)).addcmul_(du, scale)
+                if n == 0:
+                    x = self._grid_sum(self.a, self.b, chunk, self._tile(2, chunk), relu=True)  # h0
+                elif n % 2 == 1:
+                    x = self.streams[n // 2][i]
                 else:
-                    du = self.z[n + 1][span]
-                dz = self._normalised(n, chunk, self._tile(0, chunk))
-                dz = torch.addcmul(const, dz, slope, out=dz).addcmul_(du, scale)
-                x = self._input(n, chunk, self._tile(2, chunk), self._tile(1, chunk))
+                    x = self._pre(n - 1, chunk, self._tile(2, chunk)).relu_()  # y_{n-1}
                 d_weight[n].addmm_(dz.t(), x)
-                d_bias[n] += dz.sum(0)
-                if n == 0:  # input h0 = relu(a_j + b_k); the stream's start r = relu(res_a_j + res_b_k)
+                if n == 0:  # h0 = relu(a_j + b_k); the stream started as r = relu(res_a_j + res_b_k)
                     dh = torch.mm(dz, self.weight[n], out=self._tile(1, chunk))
-                    self._grid_reduce(torch.ops.aten.threshold_backward.grad_input(dh, x, 0.0, grad_input=dh), chunk, d_a, d_b)
-                    dr = d_stream[span]
+                    self._grid_reduce(_relu_grad(dh, x, dh), chunk, d_a, d_b)
+                    dr = d_stream[i]
                     if self.spec.residual_relu:
                         r = self._grid_sum(self.res_a, self.res_b, chunk, self._tile(0, chunk), relu=True)
-                        dr = torch.ops.aten.threshold_backward.grad_input(dr, r, 0.0, grad_input=r)
+                        dr = _relu_grad(dr, r, r)
                     self._grid_reduce(dr, chunk, d_res_a, d_res_b)
-                elif n % 2 == 1:  # input: the stream, whose gradient gains this branch's
-                    dx = d_stream[span].addmm_(dz, self.weight[n])
-                    collect(n - 1, chunk, self._relu_grad(n - 1, chunk, dx, self.z[n][span]))
-                else:  # input: y_{n-1} = x
+                elif n % 2 == 1:  # x is the stream: its gradient gains this branch's
+                    dy = d_stream[i].addmm_(dz, self.weight[n])
+                    pre = self._pre(n - 1, chunk, self._tile(1, chunk))
+                    collect(n - 1, chunk, _relu_grad(dy, pre, self.z[n][i]))  # z_n's rows are read: reuse
+                else:  # x = y_{n-1}
                     dy = torch.mm(dz, self.weight[n], out=self._tile(1, chunk))
-                    du_below = torch.ops.aten.threshold_backward.grad_input(dy, x, 0.0, grad_input=self.z[n][span])
-                    collect(n - 1, chunk, du_below)
+                    collect(n - 1, chunk, _relu_grad(dy, x, self.z[n][i]))
 
         self._release()
-        param_grads = [g for n in range(layers) for g in (d_weight[n], d_bias[n], d_gamma[n], d_beta[n])]
+        param_grads = []
+        for n in range(layers):
+            d_gamma_n, d_beta_n = d_gamma[n][0], d_beta[n][0]
+            d_bias = torch.zeros_like(d_beta_n) if self.spec.modes[n][0] else self.scale[n] * d_beta_n
+            param_grads += [d_weight[n], d_bias, d_gamma_n, d_beta_n]
         return [d_a, d_b, d_res_a, d_res_b, *param_grads, d_head_weight, d_head_bias]
 
 
