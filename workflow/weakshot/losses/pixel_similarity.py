@@ -44,6 +44,11 @@ Decisions on SimFormer's quirks (see also the class docstrings):
   running statistics with them (they are not used in training either way; keeping them base-pair only keeps
   ``teacher_bn="running"`` meaningful). ``"running"`` uses the running statistics of the SimLoss batches.
   In eval mode both use running statistics.
+
+Cost: a training step evaluates SimNet on 2 * P * J * J pairs twice (SimLoss with gradient, the teacher
+without), 320k pairs each at 16 pairs and J = 100. :meth:`SimNet.pair_logits` does that without building
+the pair vectors, with block 0's first layer split over the two point sets and the rest of the network
+streamed through the pair grids chunk by chunk (same function, several times faster on CPU; see there).
 """
 
 from __future__ import annotations
@@ -194,9 +199,11 @@ class SimNet(nn.Module):
         a, b = F.linear(first, w_a, block.fc1.bias), F.linear(second, w_b)  # L x J x W, L x K x W
         batch, update = _bn_mode(block.bn1, stats)
         if batch:
-            grid_mean = a.mean(1) + b.mean(1)  # L x W
+            mean_a, mean_b = a.mean(1, keepdim=True), b.mean(1, keepdim=True)  # L x 1 x W
+            var_a, var_b = (a - mean_a).square().mean(1), (b - mean_b).square().mean(1)  # L x W
+            grid_mean = (mean_a + mean_b).squeeze(1)
             mean = grid_mean.mean(0)
-            var = (a.var(1, correction=0) + b.var(1, correction=0) + (grid_mean - mean).square()).mean(0)
+            var = (var_a + var_b + (grid_mean - mean).square()).mean(0)
             if update:
                 _update_running(block.bn1, mean.detach(), var.detach(), first.shape[0] * j * k)
         else:
@@ -247,7 +254,8 @@ class _Workspace:
     at 16 pairs, J = 100, width 64 (the pair-grid implementation peaked at about twice that). A buffer
     comes back only when nothing reads it any more: at the end of a forward pass without gradient, at the
     end of the backward pass otherwise (a graph dropped without backward simply frees its buffers). Only
-    buffers like the latest ones (shape, dtype, device) are kept; copies and pickles start empty.
+    buffers like the latest ones (shape, dtype, device, inference mode) are kept; copies and pickles of the
+    module start empty.
     """
 
     def __init__(self) -> None:
@@ -255,10 +263,10 @@ class _Workspace:
 
     @staticmethod
     def _kind(buffer: Tensor) -> tuple:
-        return buffer.shape, buffer.dtype, buffer.device
+        return buffer.shape, buffer.dtype, buffer.device, buffer.is_inference()
 
     def take(self, rows: int, width: int, like: Tensor) -> Tensor:
-        kind = (torch.Size([rows, width]), like.dtype, like.device)
+        kind = (torch.Size([rows, width]), like.dtype, like.device, torch.is_inference_mode_enabled())
         for i, buffer in enumerate(self.free):
             if self._kind(buffer) == kind:
                 return self.free.pop(i)
@@ -678,7 +686,11 @@ class BalancedWeights(nn.Module):
 
 
 def pair_grid(first: Tensor, second: Tensor) -> Tensor:
-    """All ordered pairs ``[first_j; second_k]``: ``[..., J, D]`` x ``[..., K, D]`` -> ``[..., J, K, 2D]``."""
+    """All ordered pairs ``[first_j; second_k]``: ``[..., J, D]`` x ``[..., K, D]`` -> ``[..., J, K, 2D]``.
+
+    The explicit input of :meth:`SimNet.logits`; the losses use :meth:`SimNet.pair_logits`, which never
+    builds it (this tensor alone is 160 MB at training scale).
+    """
     j, k = first.shape[-2], second.shape[-2]
     a = first.unsqueeze(-2).expand(*first.shape[:-1], k, first.shape[-1])
     b = second.unsqueeze(-3).expand(*second.shape[:-2], j, k, second.shape[-1])
