@@ -373,7 +373,8 @@ def _assert_close_grads(reference: nn.Module, fast: nn.Module, rtol: float, atol
         assert torch.allclose(q.grad, p.grad, rtol=rtol, atol=atol * scale), name
 
 
-@pytest.mark.parametrize("chunk_rows", [8, 4096])  # many chunks (grids cut along j) / whole grids together
+# Chunks of: slices of a grid (cut along j), two whole grids, all grids.
+@pytest.mark.parametrize("chunk_rows", [8, 80, 4096])
 @pytest.mark.parametrize("width,in_dim,blocks", [(8, 3, 3), (6, 3, 2), (5, 4, 1)])  # (6, 3): identity residual
 @pytest.mark.parametrize("stats,train", [("auto", True), ("batch", True), ("running", True), ("auto", False)])
 def test_pair_logits_equal_the_pair_grid_reference(monkeypatch, chunk_rows, width, in_dim, blocks, stats, train):
