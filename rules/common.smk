@@ -141,8 +141,10 @@ def train_inputs(wildcards):
     return inputs
 
 
-def init_flag(wildcards, input):
-    return f"--init {input.init}" if "init" in input.keys() else ""
+def split_args(wildcards, input):
+    """Train CLI flags of a per-split model: its split, image labels and initial model."""
+    flags = f"--split {input.split} --image-labels {input.image_labels}"
+    return flags + (f" --init {input.init}" if "init" in input.keys() else "")
 
 
 def predictions_of(wildcards):

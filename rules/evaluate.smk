@@ -2,29 +2,6 @@
 # score it against the test labels of a split (novel, base, all mIoU and hIoU in a small JSON).
 
 
-rule predict_oracle:
-    input:
-        model="results/{dataset}/models/oracle/model.pt",
-        prepared="results/{dataset}/prepared",
-    output:
-        "results/{dataset}/predictions/oracle.json",
-    log:
-        "logs/{dataset}/predict/oracle.log",
-    benchmark:
-        "benchmarks/{dataset}/predict/oracle.tsv"
-    conda:
-        "../envs/weakshot.yaml"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=60,
-    params:
-        model_dir=subpath(input.model, parent=True),
-    shell:
-        "python -m weakshot predict --model {params.model_dir} --images {input.prepared}/images/test"
-        " --classes {input.prepared}/classes.yaml --out {output} --threads {threads} > {log} 2>&1"
-
-
 rule predict:
     input:
         model="results/{dataset}/models/{method}/{split}/model.pt",
@@ -48,6 +25,19 @@ rule predict:
     shell:
         "python -m weakshot predict --model {params.model_dir} --images {input.prepared}/images/test"
         " --classes {input.prepared}/classes.yaml --out {output} --threads {threads} > {log} 2>&1"
+
+
+# FullyOracle is predicted once per dataset and scored on every split.
+use rule predict as predict_oracle with:
+    input:
+        model="results/{dataset}/models/oracle/model.pt",
+        prepared="results/{dataset}/prepared",
+    output:
+        "results/{dataset}/predictions/oracle.json",
+    log:
+        "logs/{dataset}/predict/oracle.log",
+    benchmark:
+        "benchmarks/{dataset}/predict/oracle.tsv"
 
 
 rule evaluate:

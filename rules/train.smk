@@ -4,31 +4,6 @@
 # checkpoint.pt in its model folder when the rule runs again.
 
 
-rule train_oracle:
-    input:
-        prepared="results/{dataset}/prepared",
-    output:
-        model="results/{dataset}/models/oracle/model.pt",
-        config="results/{dataset}/models/oracle/config.yaml",
-    log:
-        "logs/{dataset}/train/oracle.log",
-    benchmark:
-        "benchmarks/{dataset}/train/oracle.tsv"
-    conda:
-        "../envs/weakshot.yaml"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=120,
-        gpu=1,
-    params:
-        run=lambda wildcards: json.dumps(method_config("oracle")),
-        out_dir=subpath(output.model, parent=True),
-    shell:
-        "python -m weakshot train --run-config {params.run:q} --prepared {input.prepared}"
-        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
-
-
 rule train:
     input:
         unpack(train_inputs),
@@ -52,8 +27,24 @@ rule train:
     params:
         run=run_config,
         out_dir=subpath(output.model, parent=True),
-        init=init_flag,
+        split_args=split_args,
     shell:
         "python -m weakshot train --run-config {params.run:q} --prepared {input.prepared}"
-        " --split {input.split} --image-labels {input.image_labels} {params.init}"
-        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        " {params.split_args} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+
+
+# FullyOracle: the same job on every class, once per dataset (no split, no initial model).
+use rule train as train_oracle with:
+    input:
+        prepared="results/{dataset}/prepared",
+    output:
+        model="results/{dataset}/models/oracle/model.pt",
+        config="results/{dataset}/models/oracle/config.yaml",
+    log:
+        "logs/{dataset}/train/oracle.log",
+    benchmark:
+        "benchmarks/{dataset}/train/oracle.tsv"
+    params:
+        run=json.dumps(method_config("oracle")),
+        out_dir=subpath(output.model, parent=True),
+        split_args="",

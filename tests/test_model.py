@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weakshot.config import BackboneConfig, ModelConfig
+from weakshot.config import BackboneConfig, ModelConfig, RunConfig
 from weakshot.model import (
     FrozenBatchNorm2d,
     MaskFormer,
@@ -125,6 +125,26 @@ def test_embedded_scale_output_shapes() -> None:
 
     no_aux = MaskFormer(replace(EMBEDDED, deep_supervision=False), num_classes=20)
     assert no_aux(torch.zeros(1, 3, 32, 32))["aux_outputs"] == []
+
+
+def test_pixel_embedding_is_the_decoder_memory() -> None:
+    """With transformer_in_feature pixel_embedding the queries read mask_features, not res5: the class
+    logits then change when only the pixel decoder changes, and the res5 stage gets gradient only through
+    the FPN."""
+    torch.manual_seed(0)
+    model = MaskFormer(replace(EMBEDDED, transformer_in_feature="pixel_embedding"), num_classes=20)
+    assert model.predictor.input_proj.in_channels == EMBEDDED.mask_dim
+    images = torch.rand(2, 3, 64, 64) * 255
+    out = model(images)
+    assert _outputs_shapes(out)["pred_logits"] == (2, 24, 21)
+    with torch.no_grad():
+        model.pixel_decoder.mask_features.bias.add_(1.0)
+    assert not torch.allclose(model(images)["pred_logits"], out["pred_logits"])
+
+    res5_model = MaskFormer(EMBEDDED, num_classes=20)
+    assert res5_model.predictor.input_proj.in_channels == res5_model.backbone.out_channels["res5"]
+    with pytest.raises(ValueError, match="model.transformer_in_feature"):
+        RunConfig.from_dict({"model": {"transformer_in_feature": "res4"}})
 
 
 # --- torchvision layout and weights -------------------------------------------------------------------------

@@ -38,6 +38,10 @@ class ModelConfig:
     dim_feedforward: int = 2048
     dropout: float = 0.1
     deep_supervision: bool = True
+    # The decoder's memory (MaskFormer's TRANSFORMER_IN_FEATURE): "res5" (the paper) or "pixel_embedding"
+    # (mask_features). On tiny images res5 is 2x2 or 4x4 cells that each mix several classes, so the queries
+    # cannot read a class off one region; the stride-2 pixel embedding keeps them apart.
+    transformer_in_feature: str = "res5"
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0-255
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
@@ -147,6 +151,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.init": ("imagenet", "base_model"),
     "model.backbone.stem": ("imagenet", "small"),
     "model.backbone.norm": ("frozen_bn", "bn", "gn"),
+    "model.transformer_in_feature": ("res5", "pixel_embedding"),
     "similarity.pairing": ("none", "self", "cross"),
     "similarity.distill_loss": ("ce", "cce"),
     "train.amp": ("bf16", "fp16", "off"),

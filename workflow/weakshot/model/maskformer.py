@@ -33,8 +33,11 @@ class MaskFormer(nn.Module):
         self.num_classes = num_classes
         self.backbone = ResNet(cfg.backbone)
         self.pixel_decoder = PixelDecoder(self.backbone.out_channels, cfg.conv_dim, cfg.mask_dim, cfg.norm_groups)
+        self.transformer_in_feature = cfg.transformer_in_feature
         self.predictor = TransformerPredictor(
-            in_channels=self.backbone.out_channels["res5"],
+            in_channels=(
+                cfg.mask_dim if cfg.transformer_in_feature == "pixel_embedding" else self.backbone.out_channels["res5"]
+            ),
             num_classes=num_classes,
             hidden_dim=cfg.hidden_dim,
             num_queries=cfg.num_queries,
@@ -63,7 +66,8 @@ class MaskFormer(nn.Module):
         x = (images - self.pixel_mean) / self.pixel_std
         features = self.backbone(x)
         mask_features = self.pixel_decoder(features)
-        outputs = self.predictor(features["res5"], mask_features)
+        memory = mask_features if self.transformer_in_feature == "pixel_embedding" else features["res5"]
+        outputs = self.predictor(memory, mask_features)
         outputs["mask_features"] = mask_features
         return outputs
 

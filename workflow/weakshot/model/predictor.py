@@ -1,6 +1,6 @@
 """MaskFormer's transformer predictor: queries -> class logits and mask logits.
 
-res5 is projected to ``hidden_dim`` by a 1x1 conv and flattened into the decoder's memory. ``num_queries``
+res5 (or, with ``transformer_in_feature: pixel_embedding``, the pixel decoder's mask_features) is projected to ``hidden_dim`` by a 1x1 conv and flattened into the decoder's memory. ``num_queries``
 learned embeddings attend to it through the DETR decoder. From each query's output, a linear head gives
 K+1 class logits (the last is "no object") and a 3-layer MLP gives a mask embedding, whose dot product with
 every pixel embedding of ``mask_features`` is the query's mask logit map. With deep supervision the same
@@ -61,15 +61,15 @@ class TransformerPredictor(nn.Module):
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
 
-    def forward(self, res5: torch.Tensor, mask_features: torch.Tensor) -> dict:
-        """``res5``: B x C5 x h5 x w5; ``mask_features``: B x mask_dim x h x w.
+    def forward(self, memory_map: torch.Tensor, mask_features: torch.Tensor) -> dict:
+        """``memory_map``: B x C x h' x w' (res5 or mask_features); ``mask_features``: B x mask_dim x h x w.
 
         Returns ``pred_logits`` B x Q x (K+1), ``pred_masks`` B x Q x h x w (logits) and ``aux_outputs``
         (one dict per intermediate layer, first layer first; empty without deep supervision).
         """
-        b = res5.shape[0]
-        pos = self.pe_layer(res5).flatten(2).transpose(1, 2)  # B x S x C
-        memory = self.input_proj(res5).flatten(2).transpose(1, 2)  # B x S x C
+        b = memory_map.shape[0]
+        pos = self.pe_layer(memory_map).flatten(2).transpose(1, 2)  # B x S x C
+        memory = self.input_proj(memory_map).flatten(2).transpose(1, 2)  # B x S x C
         query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
         hs = self.decoder(memory, pos.to(memory.dtype), query_pos)  # L x B x Q x C
         if not self.deep_supervision:
