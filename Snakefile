@@ -23,6 +23,7 @@ wildcard_constraints:
 include: "rules/data.smk"
 include: "rules/splits.smk"
 include: "rules/train.smk"
+include: "rules/pseudo_labels.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 

@@ -32,6 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="weakshot-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     for name in ["Snakefile", "rules", "config", "envs", "profiles", "workflow"]:
         source = ROOT / name
         if source.is_dir():

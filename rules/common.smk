@@ -134,17 +134,26 @@ def train_inputs(wildcards):
         "split": f"results/{wildcards.dataset}/splits/{wildcards.split}.yaml",
         "image_labels": f"results/{wildcards.dataset}/splits/{wildcards.split}_image_labels.tsv",
     }
-    if method_config(wildcards.method).get("method", {}).get("init") == "base_model":
+    method = method_config(wildcards.method).get("method", {})
+    if method.get("init") == "base_model":
         inputs["init"] = (
             f"results/{wildcards.dataset}/models/base_model/{wildcards.split}/model.pt"
+        )
+    if method.get("pseudo_labels"):
+        inputs["pseudo_labels"] = (
+            f"results/{wildcards.dataset}/pseudo_labels/{method['pseudo_labels']}/{wildcards.split}"
         )
     return inputs
 
 
 def split_args(wildcards, input):
-    """Train CLI flags of a per-split model: its split, image labels and initial model."""
-    flags = f"--split {input.split} --image-labels {input.image_labels}"
-    return flags + (f" --init {input.init}" if "init" in input.keys() else "")
+    """Train CLI flags of a per-split model: its split, image labels, initial model, pseudo-labels."""
+    flags = [f"--split {input.split} --image-labels {input.image_labels}"]
+    if "init" in input.keys():
+        flags.append(f"--init {input.init}")
+    if "pseudo_labels" in input.keys():
+        flags.append(f"--pseudo-labels {input.pseudo_labels}")
+    return " ".join(flags)
 
 
 def predictions_of(wildcards):

@@ -114,6 +114,9 @@ class MethodConfig:
     # Initialisation: "imagenet" = backbone from model.backbone.weights (the paper: every model starts
     # from ImageNet R-50); "base_model" = the whole network from the split's trained base model.
     init: str = "imagenet"
+    # Retraining (the "*" rows): the method whose pseudo-labels of the training images this model trains on,
+    # with `supervision: full`. The workflow passes that method's pseudo-label folder of the same split.
+    pseudo_labels: str | None = None
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,12 @@ def build_dataset(run: RunConfig, inputs: TrainInputs) -> WeakShotDataset | Pair
         novel_ids = load_split(inputs.split)["novel_ids"]
     if run.method.supervision != "full" and not novel_ids:
         raise ValueError(f"method.supervision {run.method.supervision!r} needs a split (--split)")
+    if run.method.pseudo_labels and inputs.pseudo_labels is None:
+        raise ValueError(
+            f"method.pseudo_labels is {run.method.pseudo_labels!r}: give that method's pseudo-label folder (--pseudo-labels)"
+        )
+    if inputs.pseudo_labels is not None and run.method.supervision != "full":
+        raise ValueError("training on pseudo-labels needs method.supervision 'full' (every class has masks there)")
     source = SegmentationDataset(inputs.prepared, "train", labels_dir=inputs.pseudo_labels)
     mapper = WeakShotMapper(run.augment, novel_ids, run.method.supervision, seed=run.train.seed)
     dataset = WeakShotDataset(source, mapper)

@@ -1,0 +1,30 @@
+# Pseudo-label stage (SimFormer's multi-stage schedule, step 2): a trained weak-shot model labels the
+# training images (GT base pixels + predicted novel classes named by the image-level labels); the retraining
+# methods (`method.pseudo_labels` in config) train on the PNGs. workflow/weakshot/methods/pseudo_labels.py.
+
+
+rule pseudo_labels:
+    input:
+        model="results/{dataset}/models/{method}/{split}/model.pt",
+        prepared="results/{dataset}/prepared",
+        split="results/{dataset}/splits/{split}.yaml",
+        image_labels="results/{dataset}/splits/{split}_image_labels.tsv",
+    output:
+        labels=directory("results/{dataset}/pseudo_labels/{method}/{split}"),
+        report="results/{dataset}/pseudo_labels/{method}/{split}.json",
+    log:
+        "logs/{dataset}/pseudo_labels/{method}_{split}.log",
+    benchmark:
+        "benchmarks/{dataset}/pseudo_labels/{method}_{split}.tsv"
+    conda:
+        "../envs/weakshot.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        model_dir=subpath(input.model, parent=True),
+    shell:
+        "python -m weakshot pseudo-labels --model {params.model_dir} --prepared {input.prepared}"
+        " --split {input.split} --image-labels {input.image_labels} --out-dir {output.labels}"
+        " --report {output.report} --threads {threads} > {log} 2>&1"
