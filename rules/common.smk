@@ -112,7 +112,21 @@ def deep_merge(base, override):
     return merged
 
 
-SPLIT_METHODS = [name for name in config["methods"] if name != "oracle"]
+def split_independent(method):
+    """Models trained once per dataset: the oracle (every class with masks) and the CAM classifier (image
+    labels of every class); every other model depends on a split's base/novel partition.
+    """
+    settings = deep_merge(config["training"], config["methods"][method]).get(
+        "method", {}
+    )
+    supervision = settings.get("supervision", "weak")
+    return supervision == "image" or (
+        supervision == "full" and not settings.get("pseudo_labels")
+    )
+
+
+DATASET_METHODS = [name for name in config["methods"] if split_independent(name)]
+SPLIT_METHODS = [name for name in config["methods"] if not split_independent(name)]
 
 
 def method_config(method):
@@ -157,9 +171,9 @@ def split_args(wildcards, input):
 
 
 def predictions_of(wildcards):
-    """The oracle is predicted once per dataset; every other model once per split."""
-    if wildcards.method == "oracle":
-        return f"results/{wildcards.dataset}/predictions/oracle.json"
+    """Per-dataset models (the oracle) are predicted once; every other model once per split."""
+    if wildcards.method in DATASET_METHODS:
+        return f"results/{wildcards.dataset}/predictions/{wildcards.method}.json"
     return f"results/{wildcards.dataset}/predictions/{wildcards.method}/{wildcards.split}.json"
 
 

@@ -27,17 +27,19 @@ rule predict:
         " --classes {input.prepared}/classes.yaml --out {output} --threads {threads} > {log} 2>&1"
 
 
-# FullyOracle is predicted once per dataset and scored on every split.
-use rule predict as predict_oracle with:
+# Per-dataset models (FullyOracle) are predicted once and scored on every split.
+use rule predict as predict_dataset_model with:
     input:
-        model="results/{dataset}/models/oracle/model.pt",
+        model="results/{dataset}/models/{method}/model.pt",
         prepared="results/{dataset}/prepared",
     output:
-        "results/{dataset}/predictions/oracle.json",
+        "results/{dataset}/predictions/{method}.json",
     log:
-        "logs/{dataset}/predict/oracle.log",
+        "logs/{dataset}/predict/{method}.log",
     benchmark:
-        "benchmarks/{dataset}/predict/oracle.tsv"
+        "benchmarks/{dataset}/predict/{method}.tsv"
+    wildcard_constraints:
+        method=one_of(DATASET_METHODS),
 
 
 rule evaluate:

@@ -16,6 +16,8 @@ rule pseudo_labels:
         "logs/{dataset}/pseudo_labels/{method}_{split}.log",
     benchmark:
         "benchmarks/{dataset}/pseudo_labels/{method}_{split}.tsv"
+    wildcard_constraints:
+        method=one_of(SPLIT_METHODS),
     conda:
         "../envs/weakshot.yaml"
     threads: 1
@@ -26,5 +28,34 @@ rule pseudo_labels:
         model_dir=subpath(input.model, parent=True),
     shell:
         "python -m weakshot pseudo-labels --model {params.model_dir} --prepared {input.prepared}"
+        " --split {input.split} --image-labels {input.image_labels} --out-dir {output.labels}"
+        " --report {output.report} --threads {threads} > {log} 2>&1"
+
+
+# WSSS baseline: pseudo-labels from the CAM classifier (trained once per dataset on the image-level labels of
+# every class), restricted to the novel classes each image's labels name. workflow/weakshot/methods/cam.py.
+rule cam_pseudo_labels:
+    input:
+        model="results/{dataset}/models/cam_classifier/model.pt",
+        prepared="results/{dataset}/prepared",
+        split="results/{dataset}/splits/{split}.yaml",
+        image_labels="results/{dataset}/splits/{split}_image_labels.tsv",
+    output:
+        labels=directory("results/{dataset}/pseudo_labels/cam/{split}"),
+        report="results/{dataset}/pseudo_labels/cam/{split}.json",
+    log:
+        "logs/{dataset}/pseudo_labels/cam_{split}.log",
+    benchmark:
+        "benchmarks/{dataset}/pseudo_labels/cam_{split}.tsv"
+    conda:
+        "../envs/weakshot.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        model_dir=subpath(input.model, parent=True),
+    shell:
+        "python -m weakshot cam-pseudo-labels --model {params.model_dir} --prepared {input.prepared}"
         " --split {input.split} --image-labels {input.image_labels} --out-dir {output.labels}"
         " --report {output.report} --threads {threads} > {log} 2>&1"

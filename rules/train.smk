@@ -33,18 +33,21 @@ rule train:
         " {params.split_args} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
 
 
-# FullyOracle: the same job on every class, once per dataset (no split, no initial model).
-use rule train as train_oracle with:
+# Models trained once per dataset (FullyOracle; the CAM classifier of the baselines): the same job without a
+# split or an initial model.
+use rule train as train_dataset_model with:
     input:
         prepared="results/{dataset}/prepared",
     output:
-        model="results/{dataset}/models/oracle/model.pt",
-        config="results/{dataset}/models/oracle/config.yaml",
+        model="results/{dataset}/models/{method}/model.pt",
+        config="results/{dataset}/models/{method}/config.yaml",
     log:
-        "logs/{dataset}/train/oracle.log",
+        "logs/{dataset}/train/{method}.log",
     benchmark:
-        "benchmarks/{dataset}/train/oracle.tsv"
+        "benchmarks/{dataset}/train/{method}.tsv"
+    wildcard_constraints:
+        method=one_of(DATASET_METHODS),
     params:
-        run=json.dumps(method_config("oracle")),
+        run=run_config,
         out_dir=subpath(output.model, parent=True),
         split_args="",

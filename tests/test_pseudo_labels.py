@@ -4,6 +4,7 @@ appear, the quality report matches a hand count, and a retrain reads the PNGs.""
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -83,3 +84,39 @@ def test_retraining_config_and_inputs_must_agree(dataset, tmp_path):  # noqa: F8
     with pytest.raises(ValueError, match="supervision 'full'"):
         train(weak, TrainInputs(dataset["prepared"], tmp_path / "b", split=dataset["split"],
                                 image_labels=dataset["image_labels"], pseudo_labels=tmp_path))  # fmt: skip
+
+
+def test_cam_label_map_picks_the_best_present_novel_class():
+    from weakshot.methods.cam import cam_label_map
+
+    cams = torch.zeros(5, 2, 3)
+    cams[3] = torch.tensor([[1.0, 0.2, 0.0], [0.0, 0.0, -1.0]])
+    cams[4] = torch.tensor([[0.0, 2.0, 0.0], [0.5, 0.0, -1.0]])  # relative to its own max: 0, 1, 0 / 0.25
+    cams[0] = 10.0  # a base class: never chosen
+    np.testing.assert_array_equal(cam_label_map(cams, [3, 4]), [[3, 4, 3], [4, 3, 3]])
+    np.testing.assert_array_equal(cam_label_map(cams, [4], min_score=0.2), [[255, 4, 255], [4, 255, 255]])
+    assert (cam_label_map(cams, []) == 255).all()
+
+
+def test_cam_classifier_trains_and_labels_only_present_novel_classes(dataset, tmp_path):  # noqa: F811
+    from weakshot.methods.cam import write_cam_pseudo_labels
+
+    run = tiny_run(method={"supervision": "image"}, similarity={"pairing": "none"}, train={"iterations": 2})
+    model = train(run, TrainInputs(dataset["prepared"], tmp_path / "cam"))
+    with pytest.raises(ValueError, match="not a CAM classifier"):
+        weak = train(tiny_run(similarity={"pairing": "none"}, train={"iterations": 1}), _inputs(dataset, tmp_path / "w"))
+        write_cam_pseudo_labels(weak.parent, dataset["prepared"], dataset["split"], dataset["image_labels"],
+                                tmp_path / "x", tmp_path / "x.json")  # fmt: skip
+    result = write_cam_pseudo_labels(model.parent, dataset["prepared"], dataset["split"], dataset["image_labels"],
+                                     tmp_path / "cam_pl", tmp_path / "cam_pl.json")  # fmt: skip
+    assert result["num_images"] == 12
+    labels = read_split_image_labels(dataset["image_labels"])
+    record = load_split(dataset["split"])
+    for png in (tmp_path / "cam_pl").glob("*.png"):
+        pseudo = np.asarray(Image.open(png))
+        gt = np.asarray(Image.open(dataset["prepared"] / "labels" / "train" / png.name))
+        base = np.isin(gt, record["base_ids"])
+        assert (pseudo[base] == gt[base]).all()
+        present = labels[png.stem][1]
+        # Every non-base pixel gets a present novel class when there is one (min_score 0), else stays 255.
+        assert set(np.unique(pseudo[~base])) <= (set(present) if present else {255})

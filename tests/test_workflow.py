@@ -69,8 +69,8 @@ def test_dry_run_of_the_default_target(workdir):
     assert counts["prepare"] == 1
     assert counts["split"] == 9 and counts["split_image_labels"] == 9
     # Tables 1-2: the oracle once; base model, Basic, Self-Pair and three Cross-Pair J on Splits 1-4.
-    assert counts["train_oracle"] == 1 and counts["train"] == 6 * 4
-    assert counts["predict_oracle"] == 1 and counts["predict"] == 6 * 4
+    assert counts["train_dataset_model"] == 1 and counts["train"] == 6 * 4
+    assert counts["predict_dataset_model"] == 1 and counts["predict"] == 6 * 4
     assert counts["evaluate"] == 7 * 4 and counts["table"] == 2
 
 

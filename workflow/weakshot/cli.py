@@ -119,6 +119,16 @@ def cmd_pseudo_labels(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_cam_pseudo_labels(args: argparse.Namespace) -> None:
+    from weakshot.methods.cam import write_cam_pseudo_labels
+
+    _set_threads(args.threads)
+    write_cam_pseudo_labels(
+        args.model, args.prepared, args.split, args.image_labels, args.out_dir, args.report,
+        min_score=args.min_score, device=args.device,
+    )  # fmt: skip
+
+
 def cmd_table(args: argparse.Namespace) -> None:
     from weakshot.reporting.tables import write_table
 
@@ -207,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_pseudo_labels)
+
+    p = sub.add_parser("cam-pseudo-labels", help="WSSS baseline: pseudo-labels from a CAM classifier")
+    p.add_argument("--model", type=Path, required=True, help="CAM classifier folder (model.pt + config.yaml)")
+    p.add_argument("--prepared", type=Path, required=True, help="prepared dataset folder")
+    p.add_argument("--split", type=Path, required=True, help="split YAML (base and novel ids)")
+    p.add_argument("--image-labels", type=Path, required=True, help="the split's image-level labels (TSV)")
+    p.add_argument("--out-dir", type=Path, required=True, help="folder of pseudo-label PNGs to write")
+    p.add_argument("--report", type=Path, required=True, help="quality report (JSON) to write")
+    p.add_argument("--min-score", type=float, default=0.0, help="normalised CAM below which a pixel stays 255")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_cam_pseudo_labels)
 
     p = sub.add_parser("evaluate", help="score a COCO-format result file against prepared labels")
     p.add_argument("--predictions", type=Path, required=True, help="COCO stuff-segmentation result JSON")

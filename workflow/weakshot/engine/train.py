@@ -2,7 +2,9 @@
 
 What differs between methods is data, not code: ``method.supervision`` picks the targets the mapper builds
 (full / base / weak), ``loss.complementary_weight`` switches the complementary loss, and
-``similarity.pairing`` switches pixel-pixel similarity transfer (none / self / cross pairs).
+``similarity.pairing`` switches pixel-pixel similarity transfer (none / self / cross pairs). The CAM classifier
+of the baselines (``method.supervision: image``) is the one other model the loop trains: same data stream,
+image-level BCE instead of the set criterion.
 
 The loop: AdamW (backbone lr multiplier, no decay on norms and embeddings), poly learning rate, full-model
 gradient clipping, autocast (bf16/fp16) and channels-last on CUDA, seeded and deterministic on CPU. It
@@ -32,7 +34,9 @@ from weakshot.data.dataset import PairDataset, SegmentationDataset, WeakShotData
 from weakshot.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_weights, save_checkpoint, save_weights
 from weakshot.io_utils import atomic_path, write_yaml
 from weakshot.losses.criterion import build_criterion, total_loss
+from weakshot.losses.image_labels import ImageLabelLoss
 from weakshot.model.backbone import load_torchvision_weights
+from weakshot.model.cam_classifier import CamClassifier
 from weakshot.model.maskformer import MaskFormer, param_groups
 
 
@@ -52,8 +56,11 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_model(run: RunConfig, num_classes: int, init_weights: Path | None) -> MaskFormer:
-    model = MaskFormer(run.model, num_classes)
+def build_model(run: RunConfig, num_classes: int, init_weights: Path | None) -> MaskFormer | CamClassifier:
+    if run.method.supervision == "image":
+        model: MaskFormer | CamClassifier = CamClassifier(run.model, num_classes)
+    else:
+        model = MaskFormer(run.model, num_classes)
     if run.method.init == "base_model":
         if init_weights is None:
             raise ValueError("method.init is 'base_model' but no base model weights were given (--init)")
@@ -64,7 +71,10 @@ def build_model(run: RunConfig, num_classes: int, init_weights: Path | None) -> 
 
 
 def build_loss_modules(run: RunConfig, num_classes: int) -> nn.ModuleDict:
-    """The criterion and, with pixel-pixel transfer, the similarity loss (which owns SimNet's weights)."""
+    """The criterion and, with pixel-pixel transfer, the similarity loss (which owns SimNet's weights); the CAM
+    classifier has its image-level loss only."""
+    if run.method.supervision == "image":
+        return nn.ModuleDict({"image": ImageLabelLoss(num_classes, run.loss.image_pos_weight)})
     modules = nn.ModuleDict({"set": build_criterion(num_classes, run.model, run.loss)})
     if run.similarity.pairing != "none":
         from weakshot.losses.pixel_similarity import PixelSimilarityLoss
@@ -74,6 +84,8 @@ def build_loss_modules(run: RunConfig, num_classes: int) -> nn.ModuleDict:
 
 
 def loss_weights(run: RunConfig, losses: nn.ModuleDict) -> dict[str, float]:
+    if "image" in losses:
+        return dict(losses["image"].weight_dict)
     weights = dict(losses["set"].weight_dict)
     if "similarity" in losses:
         weights["loss_sim"] = run.similarity.sim_weight
@@ -87,16 +99,20 @@ def build_dataset(run: RunConfig, inputs: TrainInputs) -> WeakShotDataset | Pair
         from weakshot.data.splits import load_split
 
         novel_ids = load_split(inputs.split)["novel_ids"]
-    if run.method.supervision != "full" and not novel_ids:
+    if run.method.supervision in ("weak", "base") and not novel_ids:
         raise ValueError(f"method.supervision {run.method.supervision!r} needs a split (--split)")
     if run.method.pseudo_labels and inputs.pseudo_labels is None:
         raise ValueError(
             f"method.pseudo_labels is {run.method.pseudo_labels!r}: give that method's pseudo-label folder (--pseudo-labels)"
         )
+    if run.method.supervision == "image" and run.similarity.pairing != "none":
+        raise ValueError("the CAM classifier (method.supervision 'image') takes no pairs: set similarity.pairing 'none'")
     if inputs.pseudo_labels is not None and run.method.supervision != "full":
         raise ValueError("training on pseudo-labels needs method.supervision 'full' (every class has masks there)")
     source = SegmentationDataset(inputs.prepared, "train", labels_dir=inputs.pseudo_labels)
-    mapper = WeakShotMapper(run.augment, novel_ids, run.method.supervision, seed=run.train.seed)
+    # The CAM classifier reads the classes present in each augmented crop: the "full" targets' labels.
+    mode = "full" if run.method.supervision == "image" else run.method.supervision
+    mapper = WeakShotMapper(run.augment, novel_ids, mode, seed=run.train.seed)
     dataset = WeakShotDataset(source, mapper)
     if run.similarity.pairing == "none":
         return dataset
@@ -224,9 +240,14 @@ def train(run: RunConfig, inputs: TrainInputs, *, device: str | None = None, sto
         images = batch["images"]
         if dev.type == "cuda" and run.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(run, dev):
-            outputs = model(images)
-        losses = losses_module["set"](outputs, batch)
+        if "image" in losses_module:  # the CAM classifier
+            with autocast(run, dev):
+                outputs = model(images, batch["pad_mask"])
+            losses = losses_module["image"](outputs, batch)
+        else:
+            with autocast(run, dev):
+                outputs = model(images)
+            losses = losses_module["set"](outputs, batch)
         if "similarity" in losses_module:
             final = {k: outputs[k].float() for k in ("mask_features", "pred_logits", "pred_masks")}
             losses.update(

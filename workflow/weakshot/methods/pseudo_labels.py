@@ -12,7 +12,7 @@ The retraining stage (the ``*`` rows) then trains on these PNGs with every class
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +83,39 @@ class PseudoLabelQuality:
         }
 
 
+def write_label_folder(
+    labelled: Iterator[tuple[str, np.ndarray]],
+    prepared: Path,
+    split: dict,
+    image_labels: dict[str, tuple[list[int], list[int]]],
+    num_classes: int,
+    out_dir: Path,
+    report: Path,
+    source: str,
+) -> dict:
+    """Turn per-image predictions (name, class map at the original resolution) into pseudo-label PNGs in
+    ``out_dir`` (atomically: all or nothing) and write the quality report. Shared by every pseudo-labeller."""
+    quality = PseudoLabelQuality(num_classes, split["novel_ids"])
+    count = 0
+    with atomic_dir(out_dir) as tmp:
+        for name, prediction in labelled:
+            if name not in image_labels:
+                raise ValueError(f"no image-level labels for training image {name!r} in the split's label table")
+            ground_truth = read_label(Path(prepared) / "labels" / "train" / f"{name}.png")
+            label = pseudo_label(prediction, ground_truth, split["base_ids"], image_labels[name][1])
+            Image.fromarray(label).save(tmp / f"{name}.png")
+            quality.update(label, ground_truth)
+            count += 1
+    result = {"source": source, "split": split["name"], "num_images": count, **quality.compute()}
+    write_json(report, result)
+    print(
+        f"[pseudo-labels] {count} images -> {out_dir}: novel mIoU {result['novel_mIoU']}, "
+        f"precision {result['novel_precision']}, recall {result['novel_recall']}",
+        file=sys.stderr,
+    )
+    return result
+
+
 def write_pseudo_labels(
     model_dir: Path,
     prepared: Path,
@@ -93,30 +126,13 @@ def write_pseudo_labels(
     *,
     device: str | None = None,
 ) -> dict:
-    """Predict every training image with the model in ``model_dir`` and write ``out_dir/<name>.png`` pseudo-
-    labels and a quality report (JSON). Returns the report."""
-    record = load_split(split)
-    base_ids, novel_ids = record["base_ids"], record["novel_ids"]
-    labels = read_split_image_labels(image_labels)
+    """Predict every training image with the segmenter in ``model_dir`` and write ``out_dir/<name>.png``
+    pseudo-labels and a quality report (JSON). Returns the report."""
     dev = pick_device(device)
     model, run = load_model(model_dir, dev)
     dataset = TestDataset(prepared, "train", test_size=run.augment.test_size)
-    missing = sorted(set(dataset.names) - set(labels))
-    if missing:
-        raise ValueError(f"{image_labels}: no image-level labels for {len(missing)} training images, e.g. {missing[0]}")
-    quality = PseudoLabelQuality(model.num_classes, novel_ids)
-    with atomic_dir(out_dir) as tmp:
-        for name, prediction, _ in predict_label_maps(model, run, dataset, dev):
-            ground_truth = read_label(Path(prepared) / "labels" / "train" / f"{name}.png")
-            label = pseudo_label(prediction, ground_truth, base_ids, labels[name][1])
-            Image.fromarray(label).save(tmp / f"{name}.png")
-            quality.update(label, ground_truth)
-    result = {"model": str(model_dir), "split": record["name"], "num_images": len(dataset), **quality.compute()}
-    write_json(report, result)
-    print(
-        f"[pseudo-labels] {len(dataset)} images -> {out_dir}: novel mIoU {result['novel_mIoU']}, "
-        f"precision {result['novel_precision']}, recall {result['novel_recall']}",
-        file=sys.stderr,
-    )
-    return result
-
+    labelled = ((name, prediction) for name, prediction, _ in predict_label_maps(model, run, dataset, dev))
+    return write_label_folder(
+        labelled, prepared, load_split(split), read_split_image_labels(image_labels), model.num_classes,
+        out_dir, report, source=str(model_dir),
+    )  # fmt: skip
