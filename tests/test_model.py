@@ -399,3 +399,37 @@ def test_param_groups_cover_every_parameter_once() -> None:
     frozen = MaskFormer(replace(EMBEDDED, backbone=replace(EMBEDDED.backbone, norm="frozen_bn")), 20)
     names = [g["name"] for g in param_groups(frozen, 1e-4, 1e-4, 0.1)]
     assert names == ["head", "head_no_decay", "backbone"]
+
+
+def test_masked_attention_ignores_memory_outside_the_mask():
+    torch.manual_seed(0)
+    layer = DecoderLayer(16, 2, 32, 0.0).eval()
+    tgt, query_pos = torch.randn(1, 3, 16), torch.randn(1, 3, 16)
+    memory, pos = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    blocked = torch.zeros(1, 3, 5, dtype=torch.bool)
+    blocked[:, :, 3:] = True  # every query may read positions 0-2 only
+    mask = blocked.repeat_interleave(2, dim=0)
+    out = layer(tgt, memory, pos, query_pos, mask)
+    changed = memory.clone()
+    changed[:, 3:] += 5.0
+    torch.testing.assert_close(layer(tgt, changed, pos, query_pos, mask), out)
+    assert not torch.allclose(layer(tgt, changed, pos, query_pos), layer(tgt, memory, pos, query_pos))
+
+
+def test_masked_attention_decoder_uses_previous_layer_masks():
+    from weakshot.model.transformer import TransformerDecoder
+
+    torch.manual_seed(0)
+    decoder = TransformerDecoder(16, 2, 3, 32, 0.0).eval()
+    memory, pos, query_pos = torch.randn(2, 6, 16), torch.randn(2, 6, 16), torch.randn(2, 4, 16)
+    seen = []
+
+    def empty_masks(states):  # every query predicts an empty mask: it must attend everywhere, not to nothing
+        seen.append(states)
+        return torch.full((*states.shape[:2], 6), -1.0)
+
+    out = decoder(memory, pos, query_pos, empty_masks)
+    assert len(seen) == 2  # layers 2 and 3 are masked by the outputs of layers 1 and 2
+    torch.testing.assert_close(seen[0], out[0])
+    torch.testing.assert_close(out, decoder(memory, pos, query_pos))  # empty masks = unmasked
+    assert torch.isfinite(out).all()

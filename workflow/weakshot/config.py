@@ -42,6 +42,9 @@ class ModelConfig:
     # (mask_features). On tiny images res5 is 2x2 or 4x4 cells that each mix several classes, so the queries
     # cannot read a class off one region; the stride-2 pixel embedding keeps them apart.
     transformer_in_feature: str = "res5"
+    # Mask2Former's masked attention (Cheng et al. 2022): each decoder layer attends only inside the masks the
+    # previous layer predicts. Off in MaskFormer and the paper; see README for why the embedded scale uses it.
+    masked_attention: bool = False
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0-255
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 

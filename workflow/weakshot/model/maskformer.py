@@ -47,6 +47,7 @@ class MaskFormer(nn.Module):
             dropout=cfg.dropout,
             mask_dim=cfg.mask_dim,
             deep_supervision=cfg.deep_supervision,
+            masked_attention=cfg.masked_attention,
         )
         # Not persistent: they come from the config, so checkpoints stay free of them.
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)

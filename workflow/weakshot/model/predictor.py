@@ -48,8 +48,10 @@ class TransformerPredictor(nn.Module):
         dropout: float,
         mask_dim: int,
         deep_supervision: bool,
+        masked_attention: bool = False,
     ) -> None:
         super().__init__()
+        self.masked_attention = masked_attention
         if hidden_dim % 2:
             raise ValueError(f"hidden_dim must be even (half sine, half cosine position channels), got {hidden_dim}")
         self.deep_supervision = deep_supervision
@@ -71,7 +73,15 @@ class TransformerPredictor(nn.Module):
         pos = self.pe_layer(memory_map).flatten(2).transpose(1, 2)  # B x S x C
         memory = self.input_proj(memory_map).flatten(2).transpose(1, 2)  # B x S x C
         query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
-        hs = self.decoder(memory, pos.to(memory.dtype), query_pos)  # L x B x Q x C
+        mask_of = None
+        if self.masked_attention:
+            grid = F.interpolate(mask_features, size=memory_map.shape[-2:], mode="bilinear", align_corners=False)
+            grid = grid.flatten(2)  # B x mask_dim x S: the mask features at the memory's positions
+
+            def mask_of(states: torch.Tensor) -> torch.Tensor:
+                return torch.einsum("bqc,bcs->bqs", self.mask_embed(states), grid)
+
+        hs = self.decoder(memory, pos.to(memory.dtype), query_pos, mask_of)  # L x B x Q x C
         if not self.deep_supervision:
             hs = hs[-1:]  # heads on the last layer only: skip the unused mask einsums
         logits = self.class_embed(hs)

@@ -12,6 +12,8 @@ attach heads to each for deep supervision.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,12 +35,20 @@ class DecoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
 
     def forward(
-        self, tgt: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor, query_pos: torch.Tensor
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        pos: torch.Tensor,
+        query_pos: torch.Tensor,
+        memory_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``tgt``, ``query_pos``: B x Q x C; ``memory``, ``pos``: B x S x C."""
+        """``tgt``, ``query_pos``: B x Q x C; ``memory``, ``pos``: B x S x C; ``memory_mask`` (B * heads) x Q x S
+        bool, True where a query may *not* attend (masked attention)."""
         q = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt, need_weights=False)[0]))
-        attended = self.cross_attn(tgt + query_pos, memory + pos, memory, need_weights=False)[0]
+        attended = self.cross_attn(
+            tgt + query_pos, memory + pos, memory, attn_mask=memory_mask, need_weights=False
+        )[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout3(ffn))
@@ -58,12 +68,30 @@ class TransformerDecoder(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, memory: torch.Tensor, pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        memory: torch.Tensor,
+        pos: torch.Tensor,
+        query_pos: torch.Tensor,
+        mask_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """``memory``, ``pos``: B x S x C; ``query_pos``: B x Q x C. Returns L x B x Q x C (normalised
-        output of every layer, last layer last)."""
+        output of every layer, last layer last).
+
+        ``mask_of`` (masked attention, Mask2Former): maps normalised query states B x Q x C to the B x Q x S
+        mask logits they predict over the memory; each layer's cross-attention is then limited to the memory
+        positions the previous layer's output predicts as foreground (logit > 0); the first layer attends everywhere (its zero-initialised queries all predict the same mask). A query whose
+        mask is empty attends everywhere.
+        """
         tgt = torch.zeros_like(query_pos)
         outputs = []
-        for layer in self.layers:
-            tgt = layer(tgt, memory, pos, query_pos)
+        for index, layer in enumerate(self.layers):
+            memory_mask = None
+            if mask_of is not None and index > 0:
+                with torch.no_grad():
+                    blocked = mask_of(outputs[-1]) <= 0  # B x Q x S
+                    blocked[blocked.all(-1)] = False
+                    memory_mask = blocked.repeat_interleave(layer.cross_attn.num_heads, dim=0)
+            tgt = layer(tgt, memory, pos, query_pos, memory_mask)
             outputs.append(self.norm(tgt))
         return torch.stack(outputs)
