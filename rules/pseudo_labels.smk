@@ -59,3 +59,34 @@ rule cam_pseudo_labels:
         "python -m weakshot cam-pseudo-labels --model {params.model_dir} --prepared {input.prepared}"
         " --split {input.split} --image-labels {input.image_labels} --out-dir {output.labels}"
         " --report {output.report} --threads {threads} > {log} 2>&1"
+
+
+# RETAB: the CAMs of the CAM classifier propagated by a boundary-aware random walk over the affinities and
+# boundaries of the split's RETAB network (trained on base masks). workflow/weakshot/methods/retab.py.
+rule retab_pseudo_labels:
+    input:
+        cam_model="results/{dataset}/models/cam_classifier/model.pt",
+        retab_model="results/{dataset}/models/retab_net/{split}/model.pt",
+        prepared="results/{dataset}/prepared",
+        split="results/{dataset}/splits/{split}.yaml",
+        image_labels="results/{dataset}/splits/{split}_image_labels.tsv",
+    output:
+        labels=directory("results/{dataset}/pseudo_labels/retab/{split}"),
+        report="results/{dataset}/pseudo_labels/retab/{split}.json",
+    log:
+        "logs/{dataset}/pseudo_labels/retab_{split}.log",
+    benchmark:
+        "benchmarks/{dataset}/pseudo_labels/retab_{split}.tsv"
+    conda:
+        "../envs/weakshot.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        cam_dir=subpath(input.cam_model, parent=True),
+        retab_dir=subpath(input.retab_model, parent=True),
+    shell:
+        "python -m weakshot retab-pseudo-labels --cam-model {params.cam_dir} --retab-model {params.retab_dir}"
+        " --prepared {input.prepared} --split {input.split} --image-labels {input.image_labels}"
+        " --out-dir {output.labels} --report {output.report} --threads {threads} > {log} 2>&1"

@@ -129,6 +129,16 @@ def cmd_cam_pseudo_labels(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
+def cmd_retab_pseudo_labels(args: argparse.Namespace) -> None:
+    from weakshot.methods.retab import write_retab_pseudo_labels
+
+    _set_threads(args.threads)
+    write_retab_pseudo_labels(
+        args.cam_model, args.retab_model, args.prepared, args.split, args.image_labels, args.out_dir, args.report,
+        beta=args.beta, log_t=args.log_t, device=args.device,
+    )  # fmt: skip
+
+
 def cmd_table(args: argparse.Namespace) -> None:
     from weakshot.reporting.tables import write_table
 
@@ -229,6 +239,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_cam_pseudo_labels)
+
+    p = sub.add_parser("retab-pseudo-labels", help="RETAB: CAMs propagated by a boundary-aware random walk")
+    p.add_argument("--cam-model", type=Path, required=True, help="CAM classifier folder")
+    p.add_argument("--retab-model", type=Path, required=True, help="the split's RETAB network folder")
+    p.add_argument("--prepared", type=Path, required=True, help="prepared dataset folder")
+    p.add_argument("--split", type=Path, required=True, help="split YAML (base and novel ids)")
+    p.add_argument("--image-labels", type=Path, required=True, help="the split's image-level labels (TSV)")
+    p.add_argument("--out-dir", type=Path, required=True, help="folder of pseudo-label PNGs to write")
+    p.add_argument("--report", type=Path, required=True, help="quality report (JSON) to write")
+    p.add_argument("--beta", type=float, default=8.0, help="affinity power (PSA/RETAB: 8)")
+    p.add_argument("--log-t", type=int, default=8, help="the walk runs 2^log_t steps (PSA/RETAB: 8)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_retab_pseudo_labels)
 
     p = sub.add_parser("evaluate", help="score a COCO-format result file against prepared labels")
     p.add_argument("--predictions", type=Path, required=True, help="COCO stuff-segmentation result JSON")

@@ -63,6 +63,7 @@ class LossConfig:
     cost_dice: float = 1.0
     complementary_weight: float = 0.0  # lambda_comp: 0.15 COCO, 0.2 ADE, 0 for Basic Model and retraining
     complementary_floor: float = -2.9444  # logit of the constant "ignore proposal" (sigmoid = 0.05)
+    affinity_radius: int = 5  # RETAB: pixel pairs within this radius (feature-map pixels) train the affinity
     image_pos_weight: float = 5.0  # CAM classifier: BCE weight of present classes (about 1/10 of all classes)
 
 
@@ -114,7 +115,8 @@ class MethodConfig:
     # What the training images tell the model: "full" = every class with its mask (FullyOracle, and the
     # retraining on pseudo-labels); "base" = base classes only (the base model); "weak" = base masks plus
     # image-level labels of the novel classes (SimFormer and its variants); "image" = image-level labels of
-    # every class, no masks (the CAM classifier of the RETAB and WSSS baselines).
+    # every class, no masks (the CAM classifier of the RETAB and WSSS baselines); "retab" = base masks only,
+    # for RETAB's affinity and boundary networks.
     supervision: str = "weak"
     # Initialisation: "imagenet" = backbone from model.backbone.weights (the paper: every model starts
     # from ImageNet R-50); "base_model" = the whole network from the split's trained base model.
@@ -155,7 +157,7 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 # Fields that take one of a few words; checked when a config is loaded, so a typo fails before training.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method.supervision": ("full", "base", "weak", "image"),
+    "method.supervision": ("full", "base", "weak", "image", "retab"),
     "method.init": ("imagenet", "base_model"),
     "model.backbone.stem": ("imagenet", "small"),
     "model.backbone.norm": ("frozen_bn", "bn", "gn"),

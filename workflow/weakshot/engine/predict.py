@@ -20,25 +20,21 @@ from weakshot.config import RunConfig
 from weakshot.data.classes import ClassTable
 from weakshot.data.dataset import TestDataset, evaluation_loader
 from weakshot.engine.checkpoint import load_weights
-from weakshot.engine.train import autocast, pick_device
+from weakshot.engine.train import Model, autocast, new_model, pick_device
 from weakshot.evaluation.results import ResultWriter
 from weakshot.io_utils import atomic_path, read_yaml
-from weakshot.model.cam_classifier import CamClassifier
 from weakshot.model.maskformer import MaskFormer, segment
 
 
-def load_model(model_dir: Path, device: torch.device) -> tuple[MaskFormer | CamClassifier, RunConfig]:
-    """A trained model (a MaskFormer, or the CAM classifier of the baselines) and its resolved config, from a
+def load_model(model_dir: Path, device: torch.device) -> tuple[Model, RunConfig]:
+    """A trained model (a MaskFormer, or a baseline's network) and its resolved config, from a
     model folder (model.pt + config.yaml)."""
     model_dir = Path(model_dir)
     saved = dict(read_yaml(model_dir / "config.yaml"))
     num_classes = int(saved.pop("num_classes"))
     run = RunConfig.from_dict(saved, where=str(model_dir / "config.yaml"))
     # ImageNet weights are part of model.pt already: do not ask for the original file.
-    if run.method.supervision == "image":
-        model: MaskFormer | CamClassifier = CamClassifier(run.model, num_classes)
-    else:
-        model = MaskFormer(run.model, num_classes)
+    model = new_model(run, num_classes)
     load_weights(model_dir / "model.pt", model)
     return model.to(device).eval(), run
 

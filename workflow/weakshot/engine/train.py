@@ -35,9 +35,13 @@ from weakshot.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_we
 from weakshot.io_utils import atomic_path, write_yaml
 from weakshot.losses.criterion import build_criterion, total_loss
 from weakshot.losses.image_labels import ImageLabelLoss
+from weakshot.losses.retab import RetabLoss
 from weakshot.model.backbone import load_torchvision_weights
 from weakshot.model.cam_classifier import CamClassifier
 from weakshot.model.maskformer import MaskFormer, param_groups
+from weakshot.model.retab_net import RetabNet
+
+Model = MaskFormer | CamClassifier | RetabNet
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,18 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_model(run: RunConfig, num_classes: int, init_weights: Path | None) -> MaskFormer | CamClassifier:
+def new_model(run: RunConfig, num_classes: int) -> Model:
+    """The segmenter, or a baseline's network: the CAM classifier (``image``), RETAB's nets (``retab``)."""
     if run.method.supervision == "image":
-        model: MaskFormer | CamClassifier = CamClassifier(run.model, num_classes)
-    else:
-        model = MaskFormer(run.model, num_classes)
+        return CamClassifier(run.model, num_classes)
+    if run.method.supervision == "retab":
+        return RetabNet(run.model, num_classes)
+    return MaskFormer(run.model, num_classes)
+
+
+def build_model(run: RunConfig, num_classes: int, init_weights: Path | None) -> Model:
+    """A freshly initialised model for training: from the base model, or with ImageNet backbone weights."""
+    model = new_model(run, num_classes)
     if run.method.init == "base_model":
         if init_weights is None:
             raise ValueError("method.init is 'base_model' but no base model weights were given (--init)")
@@ -75,6 +86,8 @@ def build_loss_modules(run: RunConfig, num_classes: int) -> nn.ModuleDict:
     classifier has its image-level loss only."""
     if run.method.supervision == "image":
         return nn.ModuleDict({"image": ImageLabelLoss(num_classes, run.loss.image_pos_weight)})
+    if run.method.supervision == "retab":
+        return nn.ModuleDict({"retab": RetabLoss(run.loss.affinity_radius)})
     modules = nn.ModuleDict({"set": build_criterion(num_classes, run.model, run.loss)})
     if run.similarity.pairing != "none":
         from weakshot.losses.pixel_similarity import PixelSimilarityLoss
@@ -84,8 +97,8 @@ def build_loss_modules(run: RunConfig, num_classes: int) -> nn.ModuleDict:
 
 
 def loss_weights(run: RunConfig, losses: nn.ModuleDict) -> dict[str, float]:
-    if "image" in losses:
-        return dict(losses["image"].weight_dict)
+    if "set" not in losses:  # a baseline network: its one loss
+        return dict(next(iter(losses.values())).weight_dict)
     weights = dict(losses["set"].weight_dict)
     if "similarity" in losses:
         weights["loss_sim"] = run.similarity.sim_weight
@@ -99,19 +112,21 @@ def build_dataset(run: RunConfig, inputs: TrainInputs) -> WeakShotDataset | Pair
         from weakshot.data.splits import load_split
 
         novel_ids = load_split(inputs.split)["novel_ids"]
-    if run.method.supervision in ("weak", "base") and not novel_ids:
+    if run.method.supervision in ("weak", "base", "retab") and not novel_ids:
         raise ValueError(f"method.supervision {run.method.supervision!r} needs a split (--split)")
     if run.method.pseudo_labels and inputs.pseudo_labels is None:
         raise ValueError(
             f"method.pseudo_labels is {run.method.pseudo_labels!r}: give that method's pseudo-label folder (--pseudo-labels)"
         )
-    if run.method.supervision == "image" and run.similarity.pairing != "none":
-        raise ValueError("the CAM classifier (method.supervision 'image') takes no pairs: set similarity.pairing 'none'")
+    if run.method.supervision in ("image", "retab") and run.similarity.pairing != "none":
+        raise ValueError(
+            f"method.supervision {run.method.supervision!r} trains a baseline network: set similarity.pairing 'none'"
+        )
     if inputs.pseudo_labels is not None and run.method.supervision != "full":
         raise ValueError("training on pseudo-labels needs method.supervision 'full' (every class has masks there)")
     source = SegmentationDataset(inputs.prepared, "train", labels_dir=inputs.pseudo_labels)
     # The CAM classifier reads the classes present in each augmented crop: the "full" targets' labels.
-    mode = "full" if run.method.supervision == "image" else run.method.supervision
+    mode = {"image": "full", "retab": "weak"}.get(run.method.supervision, run.method.supervision)
     mapper = WeakShotMapper(run.augment, novel_ids, mode, seed=run.train.seed)
     dataset = WeakShotDataset(source, mapper)
     if run.similarity.pairing == "none":
@@ -240,14 +255,10 @@ def train(run: RunConfig, inputs: TrainInputs, *, device: str | None = None, sto
         images = batch["images"]
         if dev.type == "cuda" and run.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if "image" in losses_module:  # the CAM classifier
-            with autocast(run, dev):
-                outputs = model(images, batch["pad_mask"])
-            losses = losses_module["image"](outputs, batch)
-        else:
-            with autocast(run, dev):
-                outputs = model(images)
-            losses = losses_module["set"](outputs, batch)
+        with autocast(run, dev):
+            outputs = model(images, batch["pad_mask"]) if isinstance(model, CamClassifier) else model(images)
+        # The segmenter's set criterion, or the one loss of a baseline network (CAM classifier, RETAB nets).
+        losses = losses_module["set" if "set" in losses_module else next(iter(losses_module))](outputs, batch)
         if "similarity" in losses_module:
             final = {k: outputs[k].float() for k in ("mask_features", "pred_logits", "pred_masks")}
             losses.update(

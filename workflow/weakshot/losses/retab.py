@@ -1,0 +1,87 @@
+"""Losses of RETAB's transfer networks, learnt on base masks only (``method.supervision: retab``).
+
+Both read the *weak* label map (novel pixels are 255, like unlabelled ones), nearest-downsampled to the network's
+stride, so nothing of the novel classes is seen.
+
+- **Affinity** (PSA/RETAB): for every pair of labelled pixels within ``radius``, ``a = exp(-mean|f_i - f_j|)``;
+  positives (same class) pay ``-log a``, negatives ``-log(1 - a)``; the loss is ``1/2 mean_pos + 1/2 mean_neg``.
+  RETAB splits positives into background and foreground (1/4 each); there is no background class here.
+- **Boundary** (RETAB, with a target RETAB takes from VOC's void band): a pixel is a boundary pixel when its
+  3 x 3 neighbourhood holds two different values, counting 255 as one (the border between a base region and
+  anything else is a class border); a pixel whose neighbourhood is one base class is a non-boundary pixel; a
+  pixel whose neighbourhood is all 255 is not trained (novel-novel borders are unknown). Loss: mean BCE over
+  boundary pixels + mean BCE over non-boundary pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weakshot.data.classes import IGNORE_LABEL
+
+
+def neighbour_pairs(height: int, width: int, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs (i, j), i != j, of grid pixels within Euclidean distance ``radius`` (both orders)."""
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    sources, targets = [], []
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if (dy == 0 and dx == 0) or dy * dy + dx * dx > radius * radius:
+                continue
+            ty, tx = ys + dy, xs + dx
+            inside = (ty >= 0) & (ty < height) & (tx >= 0) & (tx < width)
+            sources.append((ys * width + xs)[inside])
+            targets.append((ty * width + tx)[inside])
+    return torch.cat(sources), torch.cat(targets)
+
+
+def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour downsampling of B x H x W integer labels."""
+    return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+def boundary_targets(labels: torch.Tensor) -> torch.Tensor:
+    """B x h x w float targets: 1 boundary, 0 non-boundary, -1 not trained (see module docstring)."""
+    padded = F.pad(labels[:, None].float(), (1, 1, 1, 1), mode="replicate")
+    window = F.unfold(padded, 3)  # B x 9 x (h*w)
+    differs = (window.amax(1) != window.amin(1)).view_as(labels)
+    all_unknown = (window == IGNORE_LABEL).all(1).view_as(labels)
+    target = differs.float()
+    target[all_unknown] = -1.0
+    return target
+
+
+class RetabLoss(nn.Module):
+    weight_dict = {"loss_affinity": 1.0, "loss_boundary": 1.0}
+
+    def __init__(self, radius: int) -> None:
+        super().__init__()
+        self.radius = radius
+
+    def forward(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        features = outputs["affinity_features"].float()
+        b, _, h, w = features.shape
+        labels = downsample_labels(batch["labels"], (h, w))
+
+        sources, targets = neighbour_pairs(h, w, self.radius)
+        sources, targets = sources.to(features.device), targets.to(features.device)
+        flat = features.flatten(2)  # B x C x N
+        affinity = torch.exp(-(flat[:, :, sources] - flat[:, :, targets]).abs().mean(1))  # B x P
+        flat_labels = labels.flatten(1)
+        first, second = flat_labels[:, sources], flat_labels[:, targets]
+        valid = (first != IGNORE_LABEL) & (second != IGNORE_LABEL)
+        positive = valid & (first == second)
+        negative = valid & (first != second)
+        eps = 1e-5
+        pos_loss = -(affinity + eps).log()[positive].sum() / positive.sum().clamp(min=1)
+        neg_loss = -(1 - affinity + eps).log()[negative].sum() / negative.sum().clamp(min=1)
+
+        boundary = boundary_targets(labels)
+        logits = outputs["boundary_logits"].float()
+        bce = F.binary_cross_entropy_with_logits(logits, boundary.clamp(min=0), reduction="none")
+        on, off = boundary == 1, boundary == 0
+        boundary_loss = bce[on].sum() / on.sum().clamp(min=1) + bce[off].sum() / off.sum().clamp(min=1)
+        return {"loss_affinity": 0.5 * pos_loss + 0.5 * neg_loss, "loss_boundary": boundary_loss}
