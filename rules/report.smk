@@ -3,6 +3,7 @@
 
 localrules:
     table,
+    table3,
 
 
 rule table:
@@ -21,6 +22,29 @@ rule table:
     params:
         spec=table_spec,
         metrics_dir=lambda wildcards: f"results/{config['dataset']}/metrics",
+        extra="",
     shell:
         "python -m weakshot table --spec {params.spec:q} --metrics-dir {params.metrics_dir}"
-        " --paper {input.paper} --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
+        " --paper {input.paper} --out-csv {output.csv} --out-md {output.md} {params.extra} > {log} 2>&1"
+
+
+# Table 3 also states each split's base and novel ratio and plots novel mIoU against the novel ratio.
+use rule table as table3 with:
+    input:
+        metrics=table_metrics,
+        paper="config/paper_tables.yaml",
+        splits=lambda wildcards: expand(
+            "results/{dataset}/splits/{split}.yaml",
+            dataset=config["dataset"],
+            split=config["tables"]["table3"]["columns"],
+        ),
+    output:
+        csv="results/{table}.csv",
+        md="results/{table}.md",
+        plot="results/{table}.png",
+    wildcard_constraints:
+        table="table3",
+    params:
+        spec=table_spec,
+        metrics_dir=lambda wildcards: f"results/{config['dataset']}/metrics",
+        extra=lambda wildcards, output: f"--splits-dir results/{config['dataset']}/splits --out-plot {output.plot}",

@@ -1,5 +1,6 @@
 """The Snakemake workflow itself: lint, format, dry runs of the whole DAG and a real run on tiny data."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -68,10 +69,18 @@ def test_dry_run_of_the_default_target(workdir):
     assert counts["generate_embedded"] == 1 and "download" not in counts
     assert counts["prepare"] == 1
     assert counts["split"] == 9 and counts["split_image_labels"] == 9
-    # Tables 1-2: the oracle once; base model, Basic, Self-Pair and three Cross-Pair J on Splits 1-4.
-    assert counts["train_dataset_model"] == 1 and counts["train"] == 6 * 4
-    assert counts["predict_dataset_model"] == 1 and counts["predict"] == 6 * 4
-    assert counts["evaluate"] == 7 * 4 and counts["table"] == 2
+    # Per dataset: the oracle and the CAM classifier (RETAB's CAMs), trained once; only the oracle is evaluated.
+    assert counts["train_dataset_model"] == 2 and counts["predict_dataset_model"] == 1
+    # Tables 1-2 on Splits 1-4: base model, Basic, Self-Pair and Cross-Pair with three J.
+    # Table 3 on Splits 4-9: SimFormer (Cross-Pair; Split 4 is shared with Tables 1-2), its pseudo-labels and
+    # SimFormer*, RETAB's network, pseudo-labels and RETAB*.
+    tables_1_2, table_3 = 6 * 4, 5 + 6 + 6 + 6
+    assert counts["train"] == tables_1_2 + table_3
+    assert counts["predict"] == tables_1_2 + 5 + 6 + 6
+    assert counts["pseudo_labels"] == 6 and counts["retab_pseudo_labels"] == 6
+    # Scored: 7 rows x 4 splits, then 4 rows x 6 splits less Cross-Pair and the oracle on Split 4.
+    assert counts["evaluate"] == 7 * 4 + 4 * 6 - 2
+    assert counts["table"] == 2 and counts["table3"] == 1
 
 
 def test_dry_run_of_the_real_datasets(workdir):
@@ -133,10 +142,12 @@ def test_embedded_dataset_to_split9(workdir):
 
 
 @pytest.mark.slow
-def test_tables_1_and_2_on_the_tiny_config(workdir):
-    """Every stage of Tables 1-2 (oracle, base models, Basic / Self-Pair / Cross-Pair with three J) runs and
-    the tables hold one number per row and split, with the paper's numbers beside them."""
-    snakemake("results/table1.csv", "results/table2.csv", "--cores", "2", "--configfile", "config/test.yaml", cwd=workdir)
+def test_tables_1_to_3_on_the_tiny_config(workdir):
+    """Every stage of Tables 1-3 (oracle, base models, Basic / Self-Pair / Cross-Pair with three J, pseudo-labels,
+    CAM classifier, RETAB, retraining) runs and the tables hold one number per row and split, with the paper's
+    numbers beside them."""
+    snakemake("--cores", "2", "--configfile", "config/test.yaml", "results/table1.csv", "results/table2.csv",
+              "results/table3.csv", cwd=workdir)  # fmt: skip
     for name, rows in [("table1", ["J=50", "J=100", "J=150"]), ("table2", ["Basic Model", "Self-Pair", "Cross-Pair"])]:
         csv = (workdir / "results" / f"{name}.csv").read_text().splitlines()
         assert csv[0] == "row,split1,split2,mean"
@@ -150,4 +161,18 @@ def test_tables_1_and_2_on_the_tiny_config(workdir):
     assert {"model.pt", "config.yaml", "train_log.jsonl", "simnet.pt"} <= {p.name for p in model_dir.iterdir()}
     assert not (model_dir / "checkpoint.pt").exists()
     resolved = yaml.safe_load((model_dir / "config.yaml").read_text())
-    assert resolved["similarity"]["pairing"] == "cross" and resolved["method"]["init"] == "base_model"
+    assert resolved["similarity"]["pairing"] == "cross" and resolved["method"]["init"] == "imagenet"
+
+    table3 = (workdir / "results" / "table3.csv").read_text().splitlines()
+    assert table3[0] == "row,split4,split5,mean"
+    rows = {line.split(",")[0]: line.split(",")[1:] for line in table3[1:]}
+    assert list(rows) == ["base ratio", "novel ratio", "RETAB*", "SimFormer", "SimFormer*", "FullyOracle"]
+    for column, split in enumerate(["split4", "split5"]):
+        record = yaml.safe_load((workdir / "results" / "embedded" / "splits" / f"{split}.yaml").read_text())
+        assert float(rows["novel ratio"][column]) == pytest.approx(record["novel_ratio"])
+        assert float(rows["base ratio"][column]) == pytest.approx(1 - record["novel_ratio"])
+    assert float(rows["novel ratio"][0]) < float(rows["novel ratio"][1])
+    assert (workdir / "results" / "table3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for source in ("cam", "retab", "cross_pair"):
+        report = json.loads((workdir / "results" / "embedded" / "pseudo_labels" / source / "split4.json").read_text())
+        assert report["num_images"] == 48 and report["split"] == "split4"

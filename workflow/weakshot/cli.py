@@ -140,9 +140,14 @@ def cmd_retab_pseudo_labels(args: argparse.Namespace) -> None:
 
 
 def cmd_table(args: argparse.Namespace) -> None:
-    from weakshot.reporting.tables import write_table
+    from weakshot.reporting.tables import plot_against_novel_ratio, write_table
 
-    write_table(args.spec, args.metrics_dir, args.paper, args.out_csv, args.out_md)
+    table = write_table(args.spec, args.metrics_dir, args.paper, args.out_csv, args.out_md, splits_dir=args.splits_dir)
+    if args.out_plot:
+        if args.splits_dir is None:
+            raise ValueError("--out-plot needs --splits-dir (the novel ratio of each split)")
+        title = f"{args.spec['name']}: novel mIoU against novel ratio ({args.spec['dataset']})"
+        plot_against_novel_ratio(table, args.out_plot, title)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", type=Path, required=True, help="the paper's numbers (YAML)")
     p.add_argument("--out-csv", type=Path, required=True)
     p.add_argument("--out-md", type=Path, required=True)
+    p.add_argument("--splits-dir", type=Path, default=None, help="add each split's base/novel ratio (Table 3)")
+    p.add_argument("--out-plot", type=Path, default=None, help="PNG of novel mIoU against novel ratio")
     p.set_defaults(func=cmd_table)
     return parser
 

@@ -73,17 +73,28 @@ def paper_rows(paper: dict, spec: dict) -> pd.DataFrame | None:
     frame = pd.DataFrame(entry["rows"], index=entry["columns"]).T
     frame = frame.reindex(index=list(all_rows(spec)), columns=list(spec["columns"]))
     frame["mean"] = frame.mean(axis=1)
+    if "novel_ratio" in entry:  # Table 3 states the splits' ratios too
+        ratios = pd.DataFrame(
+            {"base ratio": entry["base_ratio"], "novel ratio": entry["novel_ratio"]}, index=entry["columns"]
+        ).T.reindex(columns=list(spec["columns"]))
+        frame = pd.concat([ratios, frame])
     return frame
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+RATIO_ROWS = ("base ratio", "novel ratio")
+
+
+def _fmt(value: float | None, row: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.2f}" if row in RATIO_ROWS else f"{value:.1f}"
 
 
 def markdown(spec: dict, novel: pd.DataFrame, long: pd.DataFrame, paper: pd.DataFrame | None, caption: str) -> str:
     reproduced_on_paper_data = spec["dataset"] == PAPER_DATASET
     lines = [f"## {spec['name'].capitalize()}: {caption}", ""]
     if paper is not None:
+        paper = paper.reindex(index=novel.index)
         label = "paper (COCO-Stuff-10K)"
         if not reproduced_on_paper_data:
             lines += [
@@ -94,13 +105,13 @@ def markdown(spec: dict, novel: pd.DataFrame, long: pd.DataFrame, paper: pd.Data
         header = "| novel mIoU (%) | " + " | ".join(f"{c} ours | {c} paper" for c in novel.columns) + " |"
         lines += [header, "|---|" + "---:|---:|" * len(novel.columns)]
         for row in novel.index:
-            cells = [f"{_fmt(novel.loc[row, c])} | {_fmt(paper.loc[row, c])}" for c in novel.columns]
+            cells = [f"{_fmt(novel.loc[row, c], row)} | {_fmt(paper.loc[row, c], row)}" for c in novel.columns]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines += ["", f"ours = this pipeline on `{spec['dataset']}`; {label} = the appendix."]
     else:
         lines += ["| novel mIoU (%) | " + " | ".join(novel.columns) + " |", "|---|" + "---:|" * len(novel.columns)]
         for row in novel.index:
-            lines.append(f"| {row} | " + " | ".join(_fmt(novel.loc[row, c]) for c in novel.columns) + " |")
+            lines.append(f"| {row} | " + " | ".join(_fmt(novel.loc[row, c], row) for c in novel.columns) + " |")
     lines += ["", "Base-class mIoU and harmonic mean hIoU of the reproduced models (%):", ""]
     base = wide(long, "base_mIoU", spec)
     hiou = wide(long, "hIoU", spec)
@@ -112,9 +123,56 @@ def markdown(spec: dict, novel: pd.DataFrame, long: pd.DataFrame, paper: pd.Data
     return "\n".join(lines) + "\n"
 
 
-def write_table(spec: dict, metrics_dir: Path, paper_tables: Path, out_csv: Path, out_md: Path) -> pd.DataFrame:
+def split_ratios(splits_dir: Path, columns: list[str]) -> pd.DataFrame:
+    """Base and novel class ratio of each split (rows "base ratio", "novel ratio"), from the split files."""
+    ratios = {}
+    for split in columns:
+        path = Path(splits_dir) / f"{split}.yaml"
+        record = read_yaml(path)
+        if not isinstance(record, dict) or "novel_ratio" not in record:
+            raise ValueError(f"{path}: split file lacks the key 'novel_ratio'")
+        ratios[split] = {"base ratio": 1 - float(record["novel_ratio"]), "novel ratio": float(record["novel_ratio"])}
+    frame = pd.DataFrame(ratios)
+    frame["mean"] = float("nan")
+    return frame
+
+
+def plot_against_novel_ratio(table: pd.DataFrame, out_png: Path, title: str) -> None:
+    """Novel mIoU of every method row against the splits' novel ratio (Table 3's plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in table.columns if c != "mean"]
+    ratio = table.loc["novel ratio", columns].astype(float)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=150)
+    for row in table.index:
+        if row in RATIO_ROWS:
+            continue
+        ax.plot(ratio, table.loc[row, columns].astype(float), marker="o", label=row)
+    ax.set_xlabel("novel ratio (share of classes that are novel)")
+    ax.set_ylabel("novel-class mIoU (%)")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks(list(ratio), [f"{r:.2f}\n{c}" for r, c in zip(ratio, columns)], fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_table(
+    spec: dict, metrics_dir: Path, paper_tables: Path, out_csv: Path, out_md: Path, splits_dir: Path | None = None
+) -> pd.DataFrame:
+    """Write the CSV (novel mIoU; with ``splits_dir`` also the splits' base and novel ratios, as Table 3) and the
+    Markdown rendering."""
     long = collect(spec, metrics_dir)
     novel = wide(long, "novel_mIoU", spec)
+    if splits_dir is not None:
+        novel = pd.concat([split_ratios(splits_dir, list(spec["columns"])), novel])
+        novel.index.name = "row"
     paper_all = read_yaml(paper_tables)
     paper = paper_rows(paper_all, spec)
     caption = paper_all.get(spec["name"], {}).get("caption", spec["name"])
