@@ -1,6 +1,7 @@
 # Helpers shared by the .smk files: config look-ups and target lists (functions only, no rules).
 import json
 import os
+import shlex
 from pathlib import Path
 
 # Jobs run `python -m weakshot`; putting the package on PYTHONPATH makes that work in any environment a
@@ -95,7 +96,7 @@ def split_targets(dataset):
 
 
 def all_targets():
-    return split_targets(config["dataset"]) + table_targets()
+    return split_targets(config["dataset"]) + table_targets() + figure_targets()
 
 
 # --- training, evaluation and tables -------------------------------------------------------------------
@@ -192,6 +193,27 @@ def table_metrics(wildcards):
         ),
         split=spec["columns"],
     )
+
+
+def figure_predictions(wildcards):
+    spec = config["figures"][wildcards.figure]
+    return {
+        label: f"results/{config['dataset']}/predictions/{method}/{spec['split']}.json"
+        for label, method in spec["methods"].items()
+    }
+
+
+def figure_flags(wildcards, input):
+    spec = config["figures"][wildcards.figure]
+    pairs = " ".join(
+        f"{shlex.quote(label)}={input[label]}" for label in spec["methods"]
+    )
+    title = f"{spec['caption']} ({config['dataset']}, {spec['split']})"
+    return f"--predictions {pairs} --rows {spec.get('rows', 6)} --title {shlex.quote(title)}"
+
+
+def figure_targets():
+    return expand("results/{figure}.png", figure=list(config.get("figures", {})))
 
 
 def table_targets():

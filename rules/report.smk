@@ -4,6 +4,7 @@
 localrules:
     table,
     table3,
+    figure,
 
 
 rule table:
@@ -48,3 +49,23 @@ use rule table as table3 with:
         spec=table_spec,
         metrics_dir=lambda wildcards: f"results/{config['dataset']}/metrics",
         extra=lambda wildcards, output: f"--splits-dir results/{config['dataset']}/splits --out-plot {output.plot}",
+
+
+rule figure:
+    input:
+        unpack(figure_predictions),
+        prepared=f"results/{config['dataset']}/prepared",
+        split=lambda wildcards: f"results/{config['dataset']}/splits/{config['figures'][wildcards.figure]['split']}.yaml",
+    output:
+        "results/{figure}.png",
+    log:
+        "logs/figures/{figure}.log",
+    wildcard_constraints:
+        figure="figure[0-9]+",
+    conda:
+        "../envs/weakshot.yaml"
+    params:
+        flags=figure_flags,
+    shell:
+        "python -m weakshot figure --prepared {input.prepared} --split {input.split} {params.flags}"
+        " --out {output} > {log} 2>&1"

@@ -74,9 +74,11 @@ def test_dry_run_of_the_default_target(workdir):
     # Tables 1-2 on Splits 1-4: base model, Basic, Self-Pair and Cross-Pair with three J.
     # Table 3 on Splits 4-9: SimFormer (Cross-Pair; Split 4 is shared with Tables 1-2), its pseudo-labels and
     # SimFormer*, RETAB's network, pseudo-labels and RETAB*.
-    tables_1_2, table_3 = 6 * 4, 5 + 6 + 6 + 6
-    assert counts["train"] == tables_1_2 + table_3
-    assert counts["predict"] == tables_1_2 + 5 + 6 + 6
+    # Figures 1-2 (Splits 4 and 9) add the WSSS baseline: CAM pseudo-labels and their retrain.
+    tables_1_2, table_3, figures = 6 * 4, 5 + 6 + 6 + 6, 2
+    assert counts["train"] == tables_1_2 + table_3 + figures
+    assert counts["predict"] == tables_1_2 + 5 + 6 + 6 + figures
+    assert counts["cam_pseudo_labels"] == 2 and counts["figure"] == 2
     assert counts["pseudo_labels"] == 6 and counts["retab_pseudo_labels"] == 6
     # Scored: 7 rows x 4 splits, then 4 rows x 6 splits less Cross-Pair and the oracle on Split 4.
     assert counts["evaluate"] == 7 * 4 + 4 * 6 - 2
@@ -147,7 +149,7 @@ def test_tables_1_to_3_on_the_tiny_config(workdir):
     CAM classifier, RETAB, retraining) runs and the tables hold one number per row and split, with the paper's
     numbers beside them."""
     snakemake("--cores", "2", "--configfile", "config/test.yaml", "results/table1.csv", "results/table2.csv",
-              "results/table3.csv", cwd=workdir)  # fmt: skip
+              "results/table3.csv", "results/figure1.png", "results/figure2.png", cwd=workdir)  # fmt: skip
     for name, rows in [("table1", ["J=50", "J=100", "J=150"]), ("table2", ["Basic Model", "Self-Pair", "Cross-Pair"])]:
         csv = (workdir / "results" / f"{name}.csv").read_text().splitlines()
         assert csv[0] == "row,split1,split2,mean"
@@ -173,6 +175,10 @@ def test_tables_1_to_3_on_the_tiny_config(workdir):
         assert float(rows["base ratio"][column]) == pytest.approx(1 - record["novel_ratio"])
     assert float(rows["novel ratio"][0]) < float(rows["novel ratio"][1])
     assert (workdir / "results" / "table3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("figure1", "figure2"):
+        with Image.open(workdir / "results" / f"{figure}.png") as png:
+            assert png.format == "PNG" and png.size[0] > png.size[1]  # 6 columns by 2 rows
+        assert "rows" in (workdir / "logs" / "figures" / f"{figure}.log").read_text()
     for source in ("cam", "retab", "cross_pair"):
         report = json.loads((workdir / "results" / "embedded" / "pseudo_labels" / source / "split4.json").read_text())
         assert report["num_images"] == 48 and report["split"] == "split4"

@@ -139,6 +139,19 @@ def cmd_retab_pseudo_labels(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
+def cmd_figure(args: argparse.Namespace) -> None:
+    from weakshot.reporting.figures import write_figure
+
+    predictions = {}
+    for item in args.predictions:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise ValueError(f"--predictions: expected LABEL=FILE, got {item!r}")
+        predictions[label] = Path(path)
+    chosen = write_figure(args.prepared, args.split, predictions, args.out, rows=args.rows, title=args.title)
+    print(f"[figure] {args.out}: rows {', '.join(chosen)}", file=sys.stderr)
+
+
 def cmd_table(args: argparse.Namespace) -> None:
     from weakshot.reporting.tables import plot_against_novel_ratio, write_table
 
@@ -266,6 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=Path, default=None, help="split YAML for base/novel summaries")
     p.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("figure", help="an appendix figure: test images, ground truth and each method's prediction")
+    p.add_argument("--prepared", type=Path, required=True, help="prepared dataset folder")
+    p.add_argument("--split", type=Path, required=True, help="split YAML (base and novel ids)")
+    p.add_argument("--predictions", nargs="+", required=True, help="LABEL=result-file.json, one per method column")
+    p.add_argument("--rows", type=int, default=6)
+    p.add_argument("--title", default="")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.set_defaults(func=cmd_figure)
 
     p = sub.add_parser("table", help="an appendix table (CSV + Markdown with the paper's numbers)")
     p.add_argument("--spec", type=_json_object, required=True, help="rows, columns, name, dataset (JSON)")

@@ -1,0 +1,131 @@
+"""Appendix Figures 1-2: rows of test images; columns input, ground truth, base/novel split map (base pixels
+red, novel pixels blue), then each method's prediction.
+
+Rows are picked by a rule, not by hand: the test images where the methods disagree most, measured by the
+spread (max - min) of the methods' accuracy on the image's novel pixels, preferring images whose novel pixels
+cover at least ``min_novel_fraction`` of the labelled pixels (so the comparison is visible); ties go to the
+image name; images without novel pixels are never shown. Predictions are
+read from the methods' COCO result files, so a figure needs no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from weakshot.data.classes import IGNORE_LABEL, ClassTable
+from weakshot.data.dataset import read_image, read_label
+from weakshot.data.splits import load_split
+from weakshot.engine.predict import class_palette
+from weakshot.evaluation.results import read_results
+from weakshot.io_utils import atomic_path
+
+SPLIT_COLOURS = {"base": (220, 40, 40), "novel": (40, 90, 230), "ignore": (0, 0, 0)}
+
+
+def novel_accuracy(prediction: np.ndarray, ground_truth: np.ndarray, novel_ids: np.ndarray) -> float:
+    """Share of the image's novel pixels predicted as their class."""
+    novel = np.isin(ground_truth, novel_ids)
+    return float((prediction[novel] == ground_truth[novel]).mean()) if novel.any() else 0.0
+
+
+def pick_rows(
+    ground_truths: Mapping[str, np.ndarray],
+    predictions: Mapping[str, Mapping[str, np.ndarray]],
+    novel_ids: list[int],
+    count: int,
+    min_novel_fraction: float = 0.2,
+) -> list[str]:
+    """Names of the ``count`` images where the methods' novel-pixel accuracies spread most."""
+    novel = np.asarray(novel_ids)
+    scored = []
+    for name, gt in ground_truths.items():
+        novel_pixels = np.isin(gt, novel).sum()
+        if not novel_pixels:
+            continue
+        large = novel_pixels >= min_novel_fraction * (gt != IGNORE_LABEL).sum()
+        accuracies = [novel_accuracy(per_method[name], gt, novel) for per_method in predictions.values()]
+        scored.append((not large, -(max(accuracies) - min(accuracies)), name))
+    return [name for *_, name in sorted(scored)[:count]]
+
+
+def split_map(ground_truth: np.ndarray, novel_ids: list[int]) -> np.ndarray:
+    """H x W x 3: base pixels red, novel pixels blue, unlabelled black."""
+    out = np.zeros((*ground_truth.shape, 3), dtype=np.uint8)
+    labelled = ground_truth != IGNORE_LABEL
+    novel = np.isin(ground_truth, novel_ids)
+    out[labelled & ~novel] = SPLIT_COLOURS["base"]
+    out[novel] = SPLIT_COLOURS["novel"]
+    return out
+
+
+def colourise(label_map: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    return palette[label_map]
+
+
+def write_figure(
+    prepared: Path,
+    split: Path,
+    predictions: Mapping[str, Path],
+    out_png: Path,
+    *,
+    rows: int = 6,
+    title: str = "",
+) -> list[str]:
+    """Render the figure; returns the names of the images shown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prepared = Path(prepared)
+    table = ClassTable.load(prepared / "classes.yaml")
+    record = load_split(split)
+    id_map = table.dataset_id_to_id()
+    per_method = {label: read_results(path, id_map) for label, path in predictions.items()}
+    names = sorted(next(iter(per_method.values())))
+    ground_truths = {name: read_label(prepared / "labels" / "test" / f"{name}.png") for name in names}
+    chosen = pick_rows(ground_truths, per_method, record["novel_ids"], rows)
+    if not chosen:
+        raise ValueError(f"{split}: no test image has enough novel pixels to show")
+    palette = np.array(class_palette(table.num_classes), dtype=np.uint8).reshape(-1, 3)
+
+    headers = ["(a) input", "(b) ground truth", "(c) base / novel"] + [
+        f"({chr(ord('d') + i)}) {label}" for i, label in enumerate(predictions)
+    ]
+    fig, axes = plt.subplots(len(chosen), len(headers), figsize=(1.6 * len(headers), 1.6 * len(chosen) + 0.6))
+    axes = np.atleast_2d(axes)
+    for r, name in enumerate(chosen):
+        image = read_image(_image_path(prepared, name))
+        gt = ground_truths[name]
+        panels = [image, colourise(gt, palette), split_map(gt, record["novel_ids"])]
+        panels += [colourise(per_method[label][name], palette) for label in predictions]
+        for c, panel in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(headers[c], fontsize=8)
+        axes[r, 0].set_ylabel(name[-8:], fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.text(
+        0.5, 0.005,
+        "(c): base-class pixels red, novel-class pixels blue, unlabelled black. Class colours as in (b).",
+        ha="center", fontsize=7,
+    )  # fmt: skip
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=150)
+    plt.close(fig)
+    return chosen
+
+
+def _image_path(prepared: Path, name: str) -> Path:
+    for suffix in (".jpg", ".png", ".jpeg"):
+        path = prepared / "images" / "test" / f"{name}{suffix}"
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"{prepared / 'images' / 'test'}: no image named {name}")
