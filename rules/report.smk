@@ -12,7 +12,9 @@ rule table:
         metrics=table_metrics,
         paper="config/paper_tables.yaml",
     output:
-        csv="results/{table}.csv",
+        csv=report(
+            "results/{table}.csv", caption="../report/table.rst", category="Tables"
+        ),
         md="results/{table}.md",
     log:
         "logs/tables/{table}.log",
@@ -40,9 +42,15 @@ use rule table as table3 with:
             split=config["tables"]["table3"]["columns"],
         ),
     output:
-        csv="results/{table}.csv",
+        csv=report(
+            "results/{table}.csv", caption="../report/table3.rst", category="Tables"
+        ),
         md="results/{table}.md",
-        plot="results/{table}.png",
+        plot=report(
+            "results/{table}.png",
+            caption="../report/table3_plot.rst",
+            category="Tables",
+        ),
     wildcard_constraints:
         table="table3",
     params:
@@ -57,7 +65,9 @@ rule figure:
         prepared=f"results/{config['dataset']}/prepared",
         split=lambda wildcards: f"results/{config['dataset']}/splits/{config['figures'][wildcards.figure]['split']}.yaml",
     output:
-        "results/{figure}.png",
+        report(
+            "results/{figure}.png", caption="../report/figure.rst", category="Figures"
+        ),
     log:
         "logs/figures/{figure}.log",
     wildcard_constraints:

@@ -179,6 +179,11 @@ def test_tables_1_to_3_on_the_tiny_config(workdir):
         with Image.open(workdir / "results" / f"{figure}.png") as png:
             assert png.format == "PNG" and png.size[0] > png.size[1]  # 6 columns by 2 rows
         assert "rows" in (workdir / "logs" / "figures" / f"{figure}.log").read_text()
+    targets = ["results/table1.csv", "results/table2.csv", "results/table3.csv", "results/figure1.png",
+               "results/figure2.png"]  # fmt: skip
+    snakemake("--configfile", "config/test.yaml", "--report", "report.html", *targets, cwd=workdir)
+    html = (workdir / "report.html").read_text()
+    assert "<html" in html.lower() and "table3" in html and "figure2" in html
     for source in ("cam", "retab", "cross_pair"):
         report = json.loads((workdir / "results" / "embedded" / "pseudo_labels" / source / "split4.json").read_text())
         assert report["num_images"] == 48 and report["split"] == "split4"
