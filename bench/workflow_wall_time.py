@@ -33,7 +33,7 @@ def main() -> None:
 
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="weakshot-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    for name in ["Snakefile", "rules", "config", "envs", "profiles", "workflow"]:
+    for name in ["Snakefile", "rules", "config", "envs", "profiles", "report", "workflow"]:
         source = ROOT / name
         if source.is_dir():
             shutil.copytree(source, workdir / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
