@@ -14,7 +14,7 @@ block keeps the name ``bn*`` whatever its kind (frozen BN, BN or GroupNorm) so t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -246,3 +246,16 @@ def load_torchvision_weights(backbone: ResNet, path: str | Path) -> None:
             + "; ".join(problems)
         )
     backbone.load_state_dict(state, strict=True)
+
+
+class PixelNormalisation(nn.Module):
+    """Raw RGB (0..255) -> (x - mean) / std with the model config's statistics. The buffers are not persistent:
+    they come from the config, so checkpoints stay free of them."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakshot.config import ModelConfig
-from weakshot.model.backbone import ResNet
+from weakshot.model.backbone import PixelNormalisation, ResNet
 from weakshot.model.pixel_decoder import PixelDecoder
 
 
@@ -30,13 +30,12 @@ class CamClassifier(nn.Module):
         self.pixel_decoder = PixelDecoder(self.backbone.out_channels, cfg.conv_dim, cfg.mask_dim, cfg.norm_groups)
         self.classifier = nn.Conv2d(cfg.mask_dim, num_classes, 1, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.01)
-        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.normalise = PixelNormalisation(cfg.pixel_mean, cfg.pixel_std)
 
     def forward(self, images: torch.Tensor, pad_mask: torch.Tensor | None = None) -> dict:
         """``images`` B x 3 x H x W (RGB 0..255); ``pad_mask`` B x H x W (True on padding) keeps padding out of
         the pooled logits. Returns ``cams`` B x K x h x w (class score maps) and ``image_logits`` B x K."""
-        x = (images - self.pixel_mean) / self.pixel_std
+        x = self.normalise(images)
         cams = self.classifier(self.pixel_decoder(self.backbone(x)))
         if pad_mask is None:
             return {"cams": cams, "image_logits": cams.mean((2, 3))}

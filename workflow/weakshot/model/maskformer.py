@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakshot.config import ModelConfig
-from weakshot.model.backbone import FrozenBatchNorm2d, ResNet
+from weakshot.model.backbone import FrozenBatchNorm2d, PixelNormalisation, ResNet
 from weakshot.model.pixel_decoder import PixelDecoder
 from weakshot.model.predictor import TransformerPredictor
 
@@ -49,9 +49,7 @@ class MaskFormer(nn.Module):
             deep_supervision=cfg.deep_supervision,
             masked_attention=cfg.masked_attention,
         )
-        # Not persistent: they come from the config, so checkpoints stay free of them.
-        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.normalise = PixelNormalisation(cfg.pixel_mean, cfg.pixel_std)
 
     @property
     def mask_stride(self) -> int:
@@ -64,7 +62,7 @@ class MaskFormer(nn.Module):
         Returns ``pred_logits`` B x Q x (K+1), ``pred_masks`` B x Q x H/s x W/s (logits), ``aux_outputs``
         (intermediate decoder layers) and ``mask_features`` B x mask_dim x H/s x W/s (pixel embeddings).
         """
-        x = (images - self.pixel_mean) / self.pixel_std
+        x = self.normalise(images)
         features = self.backbone(x)
         mask_features = self.pixel_decoder(features)
         memory = mask_features if self.transformer_in_feature == "pixel_embedding" else features["res5"]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakshot.config import ModelConfig
-from weakshot.model.backbone import ResNet
+from weakshot.model.backbone import PixelNormalisation, ResNet
 from weakshot.model.pixel_decoder import PixelDecoder
 
 
@@ -31,8 +31,7 @@ class RetabNet(nn.Module):
         self.pixel_decoder = PixelDecoder(self.backbone.out_channels, cfg.conv_dim, cfg.mask_dim, cfg.norm_groups)
         self.affinity_head = nn.Sequential(nn.Conv2d(cfg.mask_dim, cfg.mask_dim, 1), nn.ELU())
         self.boundary_head = nn.Conv2d(cfg.mask_dim, 1, 1)
-        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.normalise = PixelNormalisation(cfg.pixel_mean, cfg.pixel_std)
 
     @property
     def stride(self) -> int:
@@ -41,7 +40,7 @@ class RetabNet(nn.Module):
     def forward(self, images: torch.Tensor) -> dict:
         """``images`` B x 3 x H x W (RGB 0..255). Returns ``affinity_features`` B x C x H/s x W/s and
         ``boundary_logits`` B x H/s x W/s."""
-        x = (images - self.pixel_mean) / self.pixel_std
+        x = self.normalise(images)
         features = F.relu(self.pixel_decoder(self.backbone(x)))
         return {
             "affinity_features": self.affinity_head(features),
