@@ -26,15 +26,20 @@ from weakshot.io_utils import atomic_path, read_yaml
 from weakshot.model.maskformer import MaskFormer, segment
 
 
-def load_model(model_dir: Path, device: torch.device) -> tuple[Model, RunConfig]:
+def load_model(model_dir: Path, device: torch.device, expected: type | None = None) -> tuple[Model, RunConfig]:
     """A trained model (a MaskFormer, or a baseline's network) and its resolved config, from a
-    model folder (model.pt + config.yaml)."""
+    model folder (model.pt + config.yaml). With ``expected`` (a model class) another kind of model is an
+    error that names the folder."""
     model_dir = Path(model_dir)
     saved = dict(read_yaml(model_dir / "config.yaml"))
     num_classes = int(saved.pop("num_classes"))
     run = RunConfig.from_dict(saved, where=str(model_dir / "config.yaml"))
     # ImageNet weights are part of model.pt already: do not ask for the original file.
     model = new_model(run, num_classes)
+    if expected is not None and not isinstance(model, expected):
+        raise ValueError(
+            f"{model_dir}: not a {expected.description} (its method.supervision is {run.method.supervision!r})"
+        )
     load_weights(model_dir / "model.pt", model)
     return model.to(device).eval(), run
 
@@ -85,7 +90,7 @@ def predict_folder(
     and write the COCO-format result file ``out`` (and, with ``masks_dir``, one colour PNG per image whose
     palette index is the class id). Returns the number of images."""
     dev = pick_device(device)
-    model, run = load_model(model_dir, dev)
+    model, run = load_model(model_dir, dev, expected=MaskFormer)
     dataset = TestDataset(images, None, run.augment.test_size)
     id_map = (
         ClassTable.load(classes).id_to_dataset_id() if classes else {c: c for c in range(model.num_classes)}

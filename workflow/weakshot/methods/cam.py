@@ -50,10 +50,7 @@ def cam_label_map(cams: torch.Tensor, novel_present: list[int], min_score: float
     height, width = cams.shape[-2:]
     if not novel_present:
         return np.full((height, width), UNLABELLED, dtype=np.uint8)
-    present = torch.zeros(cams.shape[0], dtype=torch.bool)
-    present[novel_present] = True
-    maps = normalised_cams(cams, present)[novel_present]
-    score, index = maps.max(0)
+    score, index = normalised_cams(cams, novel_present).max(0)
     labels = torch.tensor(novel_present, dtype=torch.int64)[index]
     labels[score < min_score] = UNLABELLED
     return labels.to(torch.uint8).numpy()
@@ -71,9 +68,7 @@ def write_cam_pseudo_labels(
     device: str | None = None,
 ) -> dict:
     dev = pick_device(device)
-    model, run = load_model(model_dir, dev)
-    if not isinstance(model, CamClassifier):
-        raise ValueError(f"{model_dir}: not a CAM classifier (its method.supervision is {run.method.supervision!r})")
+    model, run = load_model(model_dir, dev, expected=CamClassifier)
     labels = read_split_image_labels(image_labels)
     dataset = TestDataset(prepared, "train", test_size=run.augment.test_size)
     labelled = (

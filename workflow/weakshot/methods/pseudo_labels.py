@@ -24,6 +24,7 @@ from weakshot.data.splits import load_split, read_split_image_labels
 from weakshot.engine.predict import load_model, predict_label_maps
 from weakshot.engine.train import pick_device
 from weakshot.io_utils import atomic_dir, write_json
+from weakshot.model.maskformer import MaskFormer
 
 
 def pseudo_label(
@@ -129,7 +130,7 @@ def write_pseudo_labels(
     """Predict every training image with the segmenter in ``model_dir`` and write ``out_dir/<name>.png``
     pseudo-labels and a quality report (JSON). Returns the report."""
     dev = pick_device(device)
-    model, run = load_model(model_dir, dev)
+    model, run = load_model(model_dir, dev, expected=MaskFormer)
     dataset = TestDataset(prepared, "train", test_size=run.augment.test_size)
     labelled = ((name, prediction) for name, prediction, _ in predict_label_maps(model, run, dataset, dev))
     return write_label_folder(

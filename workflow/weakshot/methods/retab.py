@@ -71,9 +71,7 @@ def retab_label_map(
     height, width = cams.shape[-2:]
     if not novel_present:
         return np.full((height, width), UNLABELLED, dtype=np.uint8)
-    present = torch.zeros(cams.shape[0], dtype=torch.bool)
-    present[novel_present] = True
-    maps = normalised_cams(cams, present)[novel_present] * (~base_pixels).to(cams.dtype)
+    maps = normalised_cams(cams, novel_present) * (~base_pixels).to(cams.dtype)
     grid = tuple(features.shape[-2:])
     pooled = F.adaptive_avg_pool2d(maps[None], grid)[0]
     walked = random_walk(pooled, features, boundary_prob > 0.5, radius=radius, beta=beta, log_t=log_t)
@@ -96,12 +94,8 @@ def write_retab_pseudo_labels(
     device: str | None = None,
 ) -> dict:
     dev = pick_device(device)
-    cam_model, cam_run = load_model(cam_model_dir, dev)
-    retab_model, retab_run = load_model(retab_model_dir, dev)
-    if not isinstance(cam_model, CamClassifier):
-        raise ValueError(f"{cam_model_dir}: not a CAM classifier (method.supervision {cam_run.method.supervision!r})")
-    if not isinstance(retab_model, RetabNet):
-        raise ValueError(f"{retab_model_dir}: not a RETAB network (method.supervision {retab_run.method.supervision!r})")
+    cam_model, cam_run = load_model(cam_model_dir, dev, expected=CamClassifier)
+    retab_model, retab_run = load_model(retab_model_dir, dev, expected=RetabNet)
     record = load_split(split)
     labels = read_split_image_labels(image_labels)
     base_ids = torch.tensor(record["base_ids"])

@@ -13,6 +13,8 @@ every split of a dataset.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,8 @@ from weakshot.model.pixel_decoder import PixelDecoder
 
 
 class CamClassifier(nn.Module):
+    description = "CAM classifier"
+
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -44,9 +48,8 @@ class CamClassifier(nn.Module):
         return {"cams": cams, "image_logits": logits}
 
 
-def normalised_cams(cams: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """PSA/RETAB's CAM normalisation: ReLU, each class map divided by its maximum (+1e-5), classes absent
-    from the image-level labels zeroed. ``cams`` K x h x w, ``present`` K bool -> K x h x w in [0, 1)."""
-    maps = F.relu(cams)
-    maps = maps / (maps.flatten(1).amax(1)[:, None, None] + 1e-5)
-    return maps * present[:, None, None].to(maps.dtype)
+def normalised_cams(cams: torch.Tensor, class_ids: Sequence[int]) -> torch.Tensor:
+    """PSA/RETAB's CAM normalisation of the classes the image-level labels name: ReLU, each class map divided
+    by its maximum (+1e-5). ``cams`` K x h x w -> len(class_ids) x h x w in [0, 1)."""
+    maps = F.relu(cams[list(class_ids)])
+    return maps / (maps.flatten(1).amax(1)[:, None, None] + 1e-5)

@@ -28,6 +28,8 @@ Size = tuple[int, int]
 
 
 class MaskFormer(nn.Module):
+    description = "MaskFormer segmenter"
+
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__()
         self.num_classes = num_classes

@@ -24,6 +24,8 @@ from weakshot.model.pixel_decoder import PixelDecoder
 
 
 class RetabNet(nn.Module):
+    description = "RETAB network"
+
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__()
         self.num_classes = num_classes
