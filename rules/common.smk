@@ -113,13 +113,19 @@ def deep_merge(base, override):
     return merged
 
 
+def method_config(method):
+    if method not in config["methods"]:
+        raise ValueError(
+            f"config: no method {method!r} under 'methods' ({', '.join(config['methods'])})"
+        )
+    return deep_merge(config["training"], config["methods"][method])
+
+
 def split_independent(method):
     """Models trained once per dataset: the oracle (every class with masks) and the CAM classifier (image
     labels of every class); every other model depends on a split's base/novel partition.
     """
-    settings = deep_merge(config["training"], config["methods"][method]).get(
-        "method", {}
-    )
+    settings = method_config(method).get("method", {})
     supervision = settings.get("supervision", "weak")
     return supervision == "image" or (
         supervision == "full" and not settings.get("pseudo_labels")
@@ -128,14 +134,6 @@ def split_independent(method):
 
 DATASET_METHODS = [name for name in config["methods"] if split_independent(name)]
 SPLIT_METHODS = [name for name in config["methods"] if not split_independent(name)]
-
-
-def method_config(method):
-    if method not in config["methods"]:
-        raise ValueError(
-            f"config: no method {method!r} under 'methods' ({', '.join(config['methods'])})"
-        )
-    return deep_merge(config["training"], config["methods"][method])
 
 
 def run_config(wildcards):

@@ -163,6 +163,17 @@ def cmd_table(args: argparse.Namespace) -> None:
         plot_against_novel_ratio(table, args.out_plot, title)
 
 
+def _pseudo_label_arguments(p: argparse.ArgumentParser) -> None:
+    """What every pseudo-labeller reads and writes (the labellers differ only in their models and knobs)."""
+    p.add_argument("--prepared", type=Path, required=True, help="prepared dataset folder")
+    p.add_argument("--split", type=Path, required=True, help="split YAML (base and novel ids)")
+    p.add_argument("--image-labels", type=Path, required=True, help="the split's image-level labels (TSV)")
+    p.add_argument("--out-dir", type=Path, required=True, help="folder of pseudo-label PNGs to write")
+    p.add_argument("--report", type=Path, required=True, help="quality report (JSON) to write")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m weakshot", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -237,39 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pseudo-labels", help="pseudo-label the training images with a trained weak-shot model")
     p.add_argument("--model", type=Path, required=True, help="model folder (model.pt + config.yaml)")
-    p.add_argument("--prepared", type=Path, required=True, help="prepared dataset folder")
-    p.add_argument("--split", type=Path, required=True, help="split YAML (base and novel ids)")
-    p.add_argument("--image-labels", type=Path, required=True, help="the split's image-level labels (TSV)")
-    p.add_argument("--out-dir", type=Path, required=True, help="folder of pseudo-label PNGs to write")
-    p.add_argument("--report", type=Path, required=True, help="quality report (JSON) to write")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
+    _pseudo_label_arguments(p)
     p.set_defaults(func=cmd_pseudo_labels)
 
     p = sub.add_parser("cam-pseudo-labels", help="WSSS baseline: pseudo-labels from a CAM classifier")
     p.add_argument("--model", type=Path, required=True, help="CAM classifier folder (model.pt + config.yaml)")
-    p.add_argument("--prepared", type=Path, required=True, help="prepared dataset folder")
-    p.add_argument("--split", type=Path, required=True, help="split YAML (base and novel ids)")
-    p.add_argument("--image-labels", type=Path, required=True, help="the split's image-level labels (TSV)")
-    p.add_argument("--out-dir", type=Path, required=True, help="folder of pseudo-label PNGs to write")
-    p.add_argument("--report", type=Path, required=True, help="quality report (JSON) to write")
+    _pseudo_label_arguments(p)
     p.add_argument("--min-score", type=float, default=0.0, help="normalised CAM below which a pixel stays 255")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_cam_pseudo_labels)
 
     p = sub.add_parser("retab-pseudo-labels", help="RETAB: CAMs propagated by a boundary-aware random walk")
     p.add_argument("--cam-model", type=Path, required=True, help="CAM classifier folder")
     p.add_argument("--retab-model", type=Path, required=True, help="the split's RETAB network folder")
-    p.add_argument("--prepared", type=Path, required=True, help="prepared dataset folder")
-    p.add_argument("--split", type=Path, required=True, help="split YAML (base and novel ids)")
-    p.add_argument("--image-labels", type=Path, required=True, help="the split's image-level labels (TSV)")
-    p.add_argument("--out-dir", type=Path, required=True, help="folder of pseudo-label PNGs to write")
-    p.add_argument("--report", type=Path, required=True, help="quality report (JSON) to write")
+    _pseudo_label_arguments(p)
     p.add_argument("--beta", type=float, default=8.0, help="affinity power (PSA/RETAB: 8)")
     p.add_argument("--log-t", type=int, default=8, help="the walk runs 2^log_t steps (PSA/RETAB: 8)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_retab_pseudo_labels)
 
     p = sub.add_parser("evaluate", help="score a COCO-format result file against prepared labels")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from weakshot.data.classes import IGNORE_LABEL, ClassTable
-from weakshot.data.dataset import read_image, read_label
+from weakshot.data.dataset import IMAGE_SUFFIXES, read_image, read_label
 from weakshot.data.splits import load_split
 from weakshot.engine.predict import class_palette
 from weakshot.evaluation.results import read_results
@@ -124,7 +124,7 @@ def write_figure(
 
 
 def _image_path(prepared: Path, name: str) -> Path:
-    for suffix in (".jpg", ".png", ".jpeg"):
+    for suffix in IMAGE_SUFFIXES:
         path = prepared / "images" / "test" / f"{name}{suffix}"
         if path.exists():
             return path
