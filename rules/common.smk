@@ -51,11 +51,16 @@ def generator_spec(wildcards):
     return json.dumps(dataset_config(wildcards)["generator"])
 
 
-def download_checks(wildcards):
+def checksum_flags(spec):
     """Command-line flags for the size and checksums a download is verified against."""
-    cfg = dataset_config(wildcards)
-    flags = [f"--{key} {cfg[key]}" for key in ("size", "sha256", "md5") if cfg.get(key)]
+    flags = [
+        f"--{key} {spec[key]}" for key in ("size", "sha256", "md5") if spec.get(key)
+    ]
     return " ".join(flags)
+
+
+def download_checks(wildcards):
+    return checksum_flags(dataset_config(wildcards))
 
 
 def exclude_train_flag(wildcards):
@@ -113,12 +118,27 @@ def deep_merge(base, override):
     return merged
 
 
-def method_config(method):
+def method_config(method, dataset=None):
+    """A model's settings: `training`, then the dataset's `training` (its crop size, schedule and loss
+    weights), then the method's overrides, then the dataset's overrides of that method (e.g. the embedded
+    oracle's longer schedule). Without a dataset: the settings every dataset shares."""
     if method not in config["methods"]:
         raise ValueError(
             f"config: no method {method!r} under 'methods' ({', '.join(config['methods'])})"
         )
-    return deep_merge(config["training"], config["methods"][method])
+    layers = [config["training"], config["methods"][method]]
+    if dataset is not None:
+        spec = config["datasets"][dataset]
+        layers = [
+            config["training"],
+            spec.get("training", {}),
+            config["methods"][method],
+            spec.get("methods", {}).get(method, {}),
+        ]
+    merged = {}
+    for layer in layers:
+        merged = deep_merge(merged, layer)
+    return merged
 
 
 def split_independent(method):
@@ -138,7 +158,20 @@ SPLIT_METHODS = [name for name in config["methods"] if not split_independent(nam
 
 def run_config(wildcards):
     """The resolved run config of a model, as JSON for the train CLI (a params change reruns training)."""
-    return json.dumps(method_config(wildcards.method))
+    return json.dumps(method_config(wildcards.method, wildcards.dataset))
+
+
+def pretrained_weights(settings):
+    """The ImageNet weights file a model starts from, as an input, when the DAG fetches it (a path under
+    resources/pretrained/); a path the user provides elsewhere is read as it is."""
+    path = settings.get("model", {}).get("backbone", {}).get("weights")
+    if path and path.startswith("resources/pretrained/"):
+        return {"weights": path}
+    return {}
+
+
+def dataset_model_inputs(wildcards):
+    return pretrained_weights(method_config(wildcards.method, wildcards.dataset))
 
 
 def train_inputs(wildcards):
@@ -147,7 +180,9 @@ def train_inputs(wildcards):
         "split": f"results/{wildcards.dataset}/splits/{wildcards.split}.yaml",
         "image_labels": f"results/{wildcards.dataset}/splits/{wildcards.split}_image_labels.tsv",
     }
-    method = method_config(wildcards.method).get("method", {})
+    settings = method_config(wildcards.method, wildcards.dataset)
+    inputs.update(pretrained_weights(settings))
+    method = settings.get("method", {})
     if method.get("init") == "base_model":
         inputs["init"] = (
             f"results/{wildcards.dataset}/models/base_model/{wildcards.split}/model.pt"
@@ -193,12 +228,22 @@ def table_metrics(wildcards):
     )
 
 
-def figure_predictions(wildcards):
+def figure_dataset(wildcards):
+    """The dataset a figure shows: its own `dataset` key (the paper's Figure 2 is on ADE20K), else the
+    tables' dataset."""
+    return config["figures"][wildcards.figure].get("dataset", config["dataset"])
+
+
+def figure_inputs(wildcards):
     spec = config["figures"][wildcards.figure]
-    return {
-        label: f"results/{config['dataset']}/predictions/{method}/{spec['split']}.json"
+    dataset = figure_dataset(wildcards)
+    inputs = {
+        label: f"results/{dataset}/predictions/{method}/{spec['split']}.json"
         for label, method in spec["methods"].items()
     }
+    inputs["prepared"] = f"results/{dataset}/prepared"
+    inputs["split"] = f"results/{dataset}/splits/{spec['split']}.yaml"
+    return inputs
 
 
 def figure_flags(wildcards, input):
@@ -206,7 +251,7 @@ def figure_flags(wildcards, input):
     pairs = " ".join(
         f"{shlex.quote(label)}={input[label]}" for label in spec["methods"]
     )
-    title = f"{spec['caption']} ({config['dataset']}, {spec['split']})"
+    title = f"{spec['caption']} ({figure_dataset(wildcards)}, {spec['split']})"
     return f"--predictions {pairs} --rows {spec.get('rows', 6)} --title {shlex.quote(title)}"
 
 

@@ -48,6 +48,21 @@ rule download:
         "python -m weakshot download --url {params.url:q} --out {output} {params.checks} > {log} 2>&1"
 
 
+# ImageNet backbone weights of the paper-scale configs (config `pretrained`), verified like the archives.
+use rule download as download_pretrained with:
+    output:
+        "resources/pretrained/{name}.pth",
+    log:
+        "logs/pretrained/{name}.log",
+    benchmark:
+        "benchmarks/pretrained/{name}.tsv"
+    wildcard_constraints:
+        name=one_of(list(config.get("pretrained", {}))),
+    params:
+        url=lambda wildcards: config["pretrained"][wildcards.name]["url"],
+        checks=lambda wildcards: checksum_flags(config["pretrained"][wildcards.name]),
+
+
 rule extract:
     input:
         "resources/{dataset}/archive.zip",

@@ -61,9 +61,7 @@ use rule table as table3 with:
 
 rule figure:
     input:
-        unpack(figure_predictions),
-        prepared=f"results/{config['dataset']}/prepared",
-        split=lambda wildcards: f"results/{config['dataset']}/splits/{config['figures'][wildcards.figure]['split']}.yaml",
+        unpack(figure_inputs),
     output:
         report(
             "results/{figure}.png", caption="../report/figure.rst", category="Figures"

@@ -37,6 +37,7 @@ rule train:
 # split or an initial model.
 use rule train as train_dataset_model with:
     input:
+        unpack(dataset_model_inputs),
         prepared="results/{dataset}/prepared",
     output:
         model="results/{dataset}/models/{method}/model.pt",
