@@ -1,5 +1,8 @@
 """Shared test fixtures.
 
+``dataset`` is a small embedded dataset (12 training images at 32 px), prepared and split once per session,
+for the tests that train models.
+
 ``http_server`` serves a temporary folder on 127.0.0.1 with a small threaded HTTP server that speaks
 ``Range`` requests (206 / 416) the way real static file servers do, records every request, and can
 misbehave on purpose (drop a connection after N bytes, ignore Range) to exercise resumable downloads.
@@ -16,6 +19,12 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from weakshot.data.archives import safe_extract
+from weakshot.data.classes import ClassTable
+from weakshot.data.cocostuff import convert_cocostuff
+from weakshot.data.embedded import EmbeddedConfig, generate_embedded
+from weakshot.data.splits import SplitSpec, write_image_labels, write_split, write_split_image_labels
 
 
 @dataclass
@@ -117,3 +126,26 @@ def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("embedded")
+    generate_embedded(
+        EmbeddedConfig.from_dict({"seed": 0, "image_size": 32, "num_train": 12, "num_test": 4}),
+        archive=root / "archive.zip",
+        classes=root / "classes.yaml",
+    )
+    safe_extract(root / "archive.zip", root / "raw")
+    convert_cocostuff(root / "raw", root / "prepared", ClassTable.load(root / "classes.yaml"))
+    spec = SplitSpec.from_dict(
+        {"source": "random", "num_random": 1, "novel_fraction": 0.25, "extra_novel_ratios": [], "seed": 0}
+    )
+    write_split(root / "prepared" / "classes.yaml", spec, "split1", root / "split1.yaml")
+    write_image_labels(root / "prepared", root / "image_labels.tsv")
+    write_split_image_labels(root / "image_labels.tsv", root / "split1.yaml", root / "split1_image_labels.tsv")
+    return {
+        "prepared": root / "prepared",
+        "split": root / "split1.yaml",
+        "image_labels": root / "split1_image_labels.tsv",
+    }

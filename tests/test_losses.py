@@ -229,7 +229,7 @@ def test_mask_losses_use_bilinear_upsampled_predictions() -> None:
     assert losses["loss_dice"].item() == pytest.approx(dice_loss(up, gt).sum().item() / 2, rel=1e-6)
 
 
-def test_num_masks_counts_base_targets_and_reducer_hook() -> None:
+def test_normalisers_count_base_masks_weighted_queries_and_go_through_the_share_hook() -> None:
     gen = torch.Generator().manual_seed(0)
     targets = [random_targets(gen, 3, [True, True, False], 8), random_targets(gen, 1, [True], 8)]
     outputs = {
@@ -238,18 +238,26 @@ def test_num_masks_counts_base_targets_and_reducer_hook() -> None:
     }
     criterion = criterion_for()
     plain = criterion(outputs, make_batch(targets, 8))
+    # With no hook the class loss is F.cross_entropy's weighted mean over all queries.
+    target_classes = torch.full((2, 5), K)
+    for b, (q, t) in enumerate(criterion.last_indices):
+        target_classes[b, q] = targets[b]["labels"][t]
+    expected_ce = F.cross_entropy(outputs["pred_logits"].transpose(1, 2), target_classes, weight=criterion.empty_weight)
+    assert plain["loss_ce"].item() == pytest.approx(expected_ce.item(), rel=1e-6)
+
     seen = []
 
-    def reducer(count: torch.Tensor) -> torch.Tensor:
-        seen.append(count.item())
-        return count * 2  # e.g. a sum over two ranks with equal counts
+    def share(counts: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+        seen.append(counts.tolist())
+        return torch.maximum(counts, minimum) * 2  # stands for a global count twice this rank's share
 
-    criterion.num_masks_reducer = reducer
-    reduced = criterion(outputs, make_batch(targets, 8))
-    assert seen == [3.0]  # the mask-less target is not counted
-    assert reduced["loss_focal"].item() == pytest.approx(plain["loss_focal"].item() / 2)
-    assert reduced["loss_dice"].item() == pytest.approx(plain["loss_dice"].item() / 2)
-    assert reduced["loss_ce"].item() == pytest.approx(plain["loss_ce"].item())
+    criterion.count_share = share
+    shared = criterion(outputs, make_batch(targets, 8))
+    # masks: the mask-less target is not counted; queries: 4 matched weigh 1, 6 unmatched 0.1; images with a
+    # novel target: 1.
+    assert seen[0] == pytest.approx([3.0, 4 + 0.1 * 6, 1.0])
+    for name in ("loss_focal", "loss_dice", "loss_ce"):
+        assert shared[name].item() == pytest.approx(plain[name].item() / 2)
 
 
 def test_novel_targets_get_class_gradient_but_no_mask_gradient() -> None:

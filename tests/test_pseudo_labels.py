@@ -12,7 +12,7 @@ from weakshot.data.splits import load_split, read_split_image_labels
 from weakshot.engine.train import TrainInputs, train
 from weakshot.methods.pseudo_labels import PseudoLabelQuality, pseudo_label, write_pseudo_labels
 
-from test_train import dataset, tiny_run  # noqa: F401  (module fixture and config helper)
+from tiny import inputs, tiny_run
 
 BASE, NOVEL = [0, 1, 2], [3, 4]
 
@@ -49,8 +49,8 @@ def test_quality_counts_unlabelled_pixels_as_misses():
     assert report["labelled_fraction"] == pytest.approx(100 * 5 / 7)
 
 
-def test_written_pseudo_labels_respect_the_split_and_feed_a_retrain(dataset, tmp_path):  # noqa: F811
-    weak = train(tiny_run(similarity={"pairing": "none"}, train={"iterations": 2}), _inputs(dataset, tmp_path / "m"))
+def test_written_pseudo_labels_respect_the_split_and_feed_a_retrain(dataset, tmp_path):
+    weak = train(tiny_run(similarity={"pairing": "none"}, train={"iterations": 2}), inputs(dataset, tmp_path / "m"))
     out_dir, report = tmp_path / "pseudo", tmp_path / "pseudo.json"
     result = write_pseudo_labels(weak.parent, dataset["prepared"], dataset["split"], dataset["image_labels"],
                                  out_dir, report)  # fmt: skip
@@ -72,11 +72,7 @@ def test_written_pseudo_labels_respect_the_split_and_feed_a_retrain(dataset, tmp
     assert model.is_file()
 
 
-def _inputs(dataset, out_dir: Path) -> TrainInputs:  # noqa: F811
-    return TrainInputs(dataset["prepared"], out_dir, split=dataset["split"], image_labels=dataset["image_labels"])
-
-
-def test_retraining_config_and_inputs_must_agree(dataset, tmp_path):  # noqa: F811
+def test_retraining_config_and_inputs_must_agree(dataset, tmp_path):
     named = tiny_run(method={"supervision": "full", "pseudo_labels": "cross_pair"}, similarity={"pairing": "none"})
     with pytest.raises(ValueError, match="--pseudo-labels"):
         train(named, TrainInputs(dataset["prepared"], tmp_path / "a"))
@@ -98,13 +94,13 @@ def test_cam_label_map_picks_the_best_present_novel_class():
     assert (cam_label_map(cams, []) == 255).all()
 
 
-def test_cam_classifier_trains_and_labels_only_present_novel_classes(dataset, tmp_path):  # noqa: F811
+def test_cam_classifier_trains_and_labels_only_present_novel_classes(dataset, tmp_path):
     from weakshot.methods.cam import write_cam_pseudo_labels
 
     run = tiny_run(method={"supervision": "image"}, similarity={"pairing": "none"}, train={"iterations": 2})
     model = train(run, TrainInputs(dataset["prepared"], tmp_path / "cam"))
     with pytest.raises(ValueError, match="not a CAM classifier"):
-        weak = train(tiny_run(similarity={"pairing": "none"}, train={"iterations": 1}), _inputs(dataset, tmp_path / "w"))
+        weak = train(tiny_run(similarity={"pairing": "none"}, train={"iterations": 1}), inputs(dataset, tmp_path / "w"))
         write_cam_pseudo_labels(weak.parent, dataset["prepared"], dataset["split"], dataset["image_labels"],
                                 tmp_path / "x", tmp_path / "x.json")  # fmt: skip
     result = write_cam_pseudo_labels(model.parent, dataset["prepared"], dataset["split"], dataset["image_labels"],

@@ -11,7 +11,7 @@ from weakshot.engine.train import TrainInputs, train
 from weakshot.losses.retab import RetabLoss, boundary_targets
 from weakshot.methods.retab import retab_label_map, write_retab_pseudo_labels
 
-from test_train import dataset, tiny_run  # noqa: F401  (module fixture and config helper)
+from tiny import tiny_run
 
 
 def test_boundary_targets_mark_class_borders_and_skip_unknown_regions():
@@ -53,7 +53,7 @@ def test_retab_label_map_keeps_present_classes_and_respects_a_boundary():
     assert (retab_label_map(cams, features, boundary, base, [], radius=2) == 255).all()
 
 
-def test_retab_networks_train_and_label_the_split(dataset, tmp_path):  # noqa: F811
+def test_retab_networks_train_and_label_the_split(dataset, tmp_path):
     none = {"pairing": "none"}
     cam = train(tiny_run(method={"supervision": "image"}, similarity=none, train={"iterations": 2}),
                 TrainInputs(dataset["prepared"], tmp_path / "cam"))  # fmt: skip

@@ -14,70 +14,12 @@ import pytest
 import torch
 import yaml
 
-from weakshot.config import RunConfig
-from weakshot.data.archives import safe_extract
 from weakshot.data.classes import ClassTable
-from weakshot.data.cocostuff import convert_cocostuff
-from weakshot.data.embedded import EmbeddedConfig, generate_embedded
-from weakshot.data.splits import SplitSpec, write_image_labels, write_split, write_split_image_labels
 from weakshot.engine.predict import predict_folder
 from weakshot.engine.train import TrainInputs, train
 from weakshot.evaluation.evaluate import evaluate_result_file
 
-TINY_MODEL = {
-    "backbone": {"depth": 18, "widths": [8, 16, 16, 16], "blocks": [1, 1, 1, 1], "stem": "small", "norm": "bn"},
-    "conv_dim": 16,
-    "mask_dim": 16,
-    "hidden_dim": 16,
-    "num_queries": 6,
-    "num_heads": 2,
-    "dec_layers": 2,
-    "dim_feedforward": 32,
-    "dropout": 0.1,  # exercises the torch RNG, which a resumed run must restore
-}
-
-
-def tiny_run(**overrides) -> RunConfig:
-    data = {
-        "method": {"supervision": "weak"},
-        "model": TINY_MODEL,
-        "augment": {"crop_size": 32, "test_size": 32},
-        "loss": {"complementary_weight": 0.15},
-        "similarity": {"pairing": "cross", "base_points": 6, "novel_points": 6, "simnet_width": 8},
-        "train": {"iterations": 6, "batch_size": 2, "lr": 1e-3, "num_workers": 0, "checkpoint_every": 2,
-                  "log_every": 1, "seed": 1},
-    }  # fmt: skip
-    for key, value in overrides.items():
-        data[key] = {**data.get(key, {}), **value}
-    return RunConfig.from_dict(data)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("embedded")
-    generate_embedded(
-        EmbeddedConfig.from_dict({"seed": 0, "image_size": 32, "num_train": 12, "num_test": 4}),
-        archive=root / "archive.zip",
-        classes=root / "classes.yaml",
-    )
-    safe_extract(root / "archive.zip", root / "raw")
-    convert_cocostuff(root / "raw", root / "prepared", ClassTable.load(root / "classes.yaml"))
-    spec = SplitSpec.from_dict(
-        {"source": "random", "num_random": 1, "novel_fraction": 0.25, "extra_novel_ratios": [], "seed": 0}
-    )
-    write_split(root / "prepared" / "classes.yaml", spec, "split1", root / "split1.yaml")
-    write_image_labels(root / "prepared", root / "image_labels.tsv")
-    write_split_image_labels(root / "image_labels.tsv", root / "split1.yaml", root / "split1_image_labels.tsv")
-    return {
-        "prepared": root / "prepared",
-        "split": root / "split1.yaml",
-        "image_labels": root / "split1_image_labels.tsv",
-    }
-
-
-def inputs(dataset: dict[str, Path], out_dir: Path) -> TrainInputs:
-    return TrainInputs(dataset["prepared"], out_dir, split=dataset["split"], image_labels=dataset["image_labels"])
-
+from tiny import inputs, tiny_run
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)

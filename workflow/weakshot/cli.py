@@ -85,6 +85,17 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    import os
+
+    from weakshot.engine.launch import claim_gpus, exec_torchrun
+
+    launched = "WORLD_SIZE" in os.environ  # a torchrun worker: the launcher below already ran
+    claim = None
+    if not launched and args.device in (None, "cuda"):
+        claim = claim_gpus(max(args.gpus, 1))  # its lock files stay open (and inherited) until the job ends
+    if args.gpus > 1 and not launched:
+        exec_torchrun(args.gpus, args.argv)
+
     from weakshot.config import RunConfig
     from weakshot.engine.train import TrainInputs, train
 
@@ -99,6 +110,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         init_weights=args.init,
     )
     train(run, inputs, device=args.device)
+    if claim is not None:
+        claim.release()
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -233,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo-labels", type=Path, default=None, help="folder of pseudo-label PNGs to train on")
     p.add_argument("--init", type=Path, default=None, help="model.pt to start from (method.init: base_model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (per process)")
+    p.add_argument(
+        "--gpus", type=int, default=1,
+        help="GPUs = data-parallel processes (launched with torchrun; the rules pass their gpu resource; on CPU: "
+        "gloo processes); 0 or 1: one process",
+    )  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="segment a folder of images with a trained model (COCO result file)")
@@ -295,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line, for relaunching it under torchrun
     try:
         args.func(args)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as err:

@@ -417,17 +417,30 @@ class InfiniteBatchSampler:
     Batch i holds positions ``i*B .. i*B + B - 1`` of that stream (a batch may straddle two epochs), so
     starting at iteration n means starting at position n*B: whole epochs are skipped arithmetically and the
     current epoch's order is entered at its offset, without loading any image.
+
+    In a multi-process job ``batch_size`` is the global batch and rank r takes its r-th contiguous share, so
+    the ranks together see exactly the batch one process would.
     """
 
     def __init__(
-        self, num_items: int, batch_size: int, seed: int, start_iteration: int = 0, dataset: Any = None
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int,
+        start_iteration: int = 0,
+        dataset: Any = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if num_items < 1 or batch_size < 1 or start_iteration < 0:
             raise ValueError("need num_items >= 1, batch_size >= 1 and start_iteration >= 0")
+        if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
+            raise ValueError(f"batch {batch_size} cannot be shared by rank {rank} of {world_size}")
         self.num_items = num_items
         self.batch_size = batch_size
         self.seed = seed
         self.start_iteration = start_iteration
+        self.share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.dataset = dataset  # told the epoch (set_epoch) for main-process bookkeeping; keys carry it anyway
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -439,7 +452,7 @@ class InfiniteBatchSampler:
             for index in epoch_order(self.num_items, self.seed, epoch)[offset:].tolist():
                 batch.append((epoch, index))
                 if len(batch) == self.batch_size:
-                    yield batch
+                    yield batch[self.share]
                     batch = []
             epoch, offset = epoch + 1, 0
 
@@ -451,13 +464,17 @@ def infinite_loader(
     seed: int,
     pin_memory: bool = False,
     start_iteration: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[dict[str, Any]]:
     """Training batches forever, from iteration ``start_iteration`` on (batch_size items per batch).
 
     The batch of iteration n is the same whether the stream started at 0 or was resumed at any m <= n, and
-    whatever ``num_workers`` is. For a ``PairDataset`` a batch holds ``batch_size`` pairs (2x images for cross).
+    whatever ``num_workers`` is. For a ``PairDataset`` a batch holds ``batch_size`` pairs (2x images for cross):
+    a pair is one item, so it always stays on one rank. With ``world_size`` > 1, ``batch_size`` is the global
+    batch and this rank gets its ``batch_size / world_size`` share.
     """
-    sampler = InfiniteBatchSampler(len(dataset), batch_size, seed, start_iteration, dataset)
+    sampler = InfiniteBatchSampler(len(dataset), batch_size, seed, start_iteration, dataset, rank, world_size)
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,

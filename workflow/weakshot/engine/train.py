@@ -12,6 +12,10 @@ writes ``checkpoint.pt`` every ``train.checkpoint_every`` iterations (atomically
 it resumes from there and ends with the same weights as an uninterrupted run. When done it writes
 ``model.pt`` (state dict), ``config.yaml`` (the resolved config) and ``train_log.jsonl`` and removes the
 checkpoint.
+
+Started by torchrun with N processes (weakshot.engine.distributed), the same loop is data-parallel: each rank
+takes its share of every global batch, DistributedDataParallel averages the gradients (of the segmenter and
+of SimNet), the losses divide by counts of the global batch, and rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from weakshot.config import RunConfig
 from weakshot.data.classes import ClassTable
 from weakshot.data.dataset import PairDataset, SegmentationDataset, WeakShotDataset, WeakShotMapper, infinite_loader
 from weakshot.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_weights, save_checkpoint, save_weights
+from weakshot.engine.distributed import World, close_world, init_world
 from weakshot.io_utils import atomic_path, write_yaml
 from weakshot.losses.criterion import build_criterion, total_loss
 from weakshot.losses.image_labels import ImageLabelLoss
@@ -81,18 +86,22 @@ def build_model(run: RunConfig, num_classes: int, init_weights: Path | None) -> 
     return model
 
 
-def build_loss_modules(run: RunConfig, num_classes: int) -> nn.ModuleDict:
+def build_loss_modules(run: RunConfig, num_classes: int, world: World = World()) -> nn.ModuleDict:
     """The criterion and, with pixel-pixel transfer, the similarity loss (which owns SimNet's weights); the CAM
-    classifier has its image-level loss only."""
+    classifier has its image-level loss only. Their normalising counts are those of the global batch."""
     if run.method.supervision == "image":
+        # A mean over images x classes: every rank has as many, so the mean of ranks is the global mean.
         return nn.ModuleDict({"image": ImageLabelLoss(num_classes, run.loss.image_pos_weight)})
     if run.method.supervision == "retab":
-        return nn.ModuleDict({"retab": RetabLoss(run.loss.affinity_radius)})
-    modules = nn.ModuleDict({"set": build_criterion(num_classes, run.model, run.loss)})
+        retab = RetabLoss(run.loss.affinity_radius)
+        retab.count_share = world.count_share
+        return nn.ModuleDict({"retab": retab})
+    modules = nn.ModuleDict({"set": build_criterion(num_classes, run.model, run.loss, world.count_share)})
     if run.similarity.pairing != "none":
         from weakshot.losses.pixel_similarity import PixelSimilarityLoss
 
         modules["similarity"] = PixelSimilarityLoss(run.similarity, run.model.mask_dim)
+        modules["similarity"].sum_over_ranks = world.sum
     return modules
 
 
@@ -144,6 +153,14 @@ def build_dataset(run: RunConfig, inputs: TrainInputs) -> WeakShotDataset | Pair
             raise ValueError(f"{inputs.image_labels}: no image-level labels for {missing[:3]} ...")
         sampler = ReferenceSampler(build_pair_index({n: labels[n] for n in source.names}, run.train.seed))
     return PairDataset(dataset, sampler, pairing=run.similarity.pairing)
+
+
+def data_parallel(module: nn.Module, world: World, device: torch.device) -> nn.Module:
+    """``module`` wrapped for gradient averaging over ranks (itself in a world of one, or without weights)."""
+    if not world.distributed or not any(p.requires_grad for p in module.parameters()):
+        return module
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -206,12 +223,24 @@ def train(run: RunConfig, inputs: TrainInputs, *, device: str | None = None, sto
     out_dir = Path(inputs.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
+    world = init_world(dev)
+    if dev.type == "cuda" and world.distributed:
+        dev = torch.device("cuda", world.local_rank)
+    try:
+        return _train(run, inputs, out_dir, dev, world, stop_at)
+    finally:
+        close_world(world)
+
+
+def _train(
+    run: RunConfig, inputs: TrainInputs, out_dir: Path, dev: torch.device, world: World, stop_at: int | None
+) -> Path:
     set_determinism(run, dev)
     class_table = ClassTable.load(Path(inputs.prepared) / "classes.yaml")
     num_classes = class_table.num_classes
 
     model = build_model(run, num_classes, inputs.init_weights).to(dev)
-    losses_module = build_loss_modules(run, num_classes).to(dev)
+    losses_module = build_loss_modules(run, num_classes, world).to(dev)
     if dev.type == "cuda" and run.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     weights = loss_weights(run, losses_module)
@@ -236,12 +265,27 @@ def train(run: RunConfig, inputs: TrainInputs, *, device: str | None = None, sto
             seed=run.train.seed,
             pin_memory=dev.type == "cuda",
             start_iteration=start,
+            rank=world.rank,
+            world_size=world.size,
         )
     )
     if checkpoint.exists():
         start, extra = load_checkpoint(checkpoint, model=model, criterion=losses_module, optimizer=optimizer)
         log_lines = list(extra.get("log", []))
-        print(f"[train] resumed from {checkpoint} at iteration {start}", file=sys.stderr, flush=True)
+        if world.is_main:
+            print(f"[train] resumed from {checkpoint} at iteration {start}", file=sys.stderr, flush=True)
+    # Wrapped after loading: DDP starts every rank from rank 0's weights (the same, seeded or resumed).
+    world.local_batch(run.train.batch_size)  # a clear error when the batch does not split over the ranks
+    segmenter = data_parallel(model, world, dev)
+    similarity = data_parallel(losses_module["similarity"], world, dev) if "similarity" in losses_module else None
+    main_loss = losses_module["set" if "set" in losses_module else next(iter(losses_module))]
+
+    def save(iteration: int) -> None:
+        if world.is_main:
+            save_checkpoint(
+                checkpoint, iteration=iteration, model=model, criterion=losses_module, optimizer=optimizer,
+                extra={"log": log_lines},
+            )  # fmt: skip
 
     model.train()
     losses_module.train()
@@ -256,14 +300,12 @@ def train(run: RunConfig, inputs: TrainInputs, *, device: str | None = None, sto
         if dev.type == "cuda" and run.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(run, dev):
-            outputs = model(images, batch["pad_mask"]) if isinstance(model, CamClassifier) else model(images)
+            outputs = segmenter(images, batch["pad_mask"]) if isinstance(model, CamClassifier) else segmenter(images)
         # The segmenter's set criterion, or the one loss of a baseline network (CAM classifier, RETAB nets).
-        losses = losses_module["set" if "set" in losses_module else next(iter(losses_module))](outputs, batch)
-        if "similarity" in losses_module:
+        losses = main_loss(outputs, batch)
+        if similarity is not None:
             final = {k: outputs[k].float() for k in ("mask_features", "pred_logits", "pred_masks")}
-            losses.update(
-                losses_module["similarity"](final["mask_features"], final["pred_logits"], final["pred_masks"], batch)
-            )
+            losses.update(similarity(final["mask_features"], final["pred_logits"], final["pred_masks"], batch))
         loss = total_loss(losses, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -272,31 +314,32 @@ def train(run: RunConfig, inputs: TrainInputs, *, device: str | None = None, sto
         optimizer.step()
 
         if (iteration + 1) % run.train.log_every == 0 or iteration + 1 == run.train.iterations:
-            # The only host synchronisation of the loop: reading the losses for the log.
-            record = {"iteration": iteration + 1, "lr": optimizer.param_groups[0]["lr"], "loss": float(loss.detach())}
-            record.update({k: float(v.detach()) for k, v in losses.items()})
+            # The only host synchronisation of the loop: reading the losses (averaged over ranks) for the log.
+            names = list(losses)
+            values = world.mean(torch.stack([loss.detach().float()] + [losses[k].detach().float() for k in names]))
+            values = values.tolist()
+            record = {"iteration": iteration + 1, "lr": optimizer.param_groups[0]["lr"], "loss": values[0]}
+            record.update(zip(names, values[1:]))
             if not all(math.isfinite(v) for v in record.values()):
                 raise FloatingPointError(f"non-finite loss at iteration {iteration + 1}: {record}")
-            log_lines.append(json.dumps(record))
-            progress(iteration, record)
+            if world.is_main:
+                log_lines.append(json.dumps(record))
+                progress(iteration, record)
         if (iteration + 1) % run.train.checkpoint_every == 0 and iteration + 1 < run.train.iterations:
-            save_checkpoint(
-                checkpoint, iteration=iteration + 1, model=model, criterion=losses_module, optimizer=optimizer,
-                extra={"log": log_lines},
-            )  # fmt: skip
+            save(iteration + 1)
     if end < run.train.iterations:
-        save_checkpoint(
-            checkpoint, iteration=end, model=model, criterion=losses_module, optimizer=optimizer,
-            extra={"log": log_lines},
-        )  # fmt: skip
+        save(end)
+        world.barrier()
         return checkpoint
 
     model_path = out_dir / "model.pt"
-    write_yaml(out_dir / "config.yaml", {"num_classes": num_classes, **run.to_dict()})
-    with atomic_path(out_dir / "train_log.jsonl") as tmp:
-        tmp.write_text("".join(line + "\n" for line in log_lines))
-    if "similarity" in losses_module:
-        save_weights(out_dir / "simnet.pt", losses_module["similarity"])
-    save_weights(model_path, model)
-    checkpoint.unlink(missing_ok=True)
+    if world.is_main:
+        write_yaml(out_dir / "config.yaml", {"num_classes": num_classes, **run.to_dict()})
+        with atomic_path(out_dir / "train_log.jsonl") as tmp:
+            tmp.write_text("".join(line + "\n" for line in log_lines))
+        if "similarity" in losses_module:
+            save_weights(out_dir / "simnet.pt", losses_module["similarity"])
+        save_weights(model_path, model)
+        checkpoint.unlink(missing_ok=True)
+    world.barrier()
     return model_path

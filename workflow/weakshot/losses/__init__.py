@@ -1,7 +1,7 @@
 """Losses of the MaskFormer part of SimFormer: Hungarian matching, class / mask / complementary losses."""
 
 from weakshot.losses.criterion import (
-    NumMasksReducer,
+    CountShare,
     SetCriterion,
     build_criterion,
     complementary_target,
@@ -12,9 +12,9 @@ from weakshot.losses.criterion import (
 from weakshot.losses.matcher import HungarianMatcher, Indices, nearest_downsample
 
 __all__ = [
+    "CountShare",
     "HungarianMatcher",
     "Indices",
-    "NumMasksReducer",
     "SetCriterion",
     "build_criterion",
     "complementary_target",

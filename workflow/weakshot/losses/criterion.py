@@ -10,13 +10,13 @@ Per decoder layer (final, then every auxiliary layer when deep supervision is on
   targets have only an image-level label and an empty mask; supervising their query's mask with it would
   teach "novel class = nothing", so their pairs are weighted 0 and their masks get no gradient. Prediction
   masks are bilinearly upsampled to the padded input size; both losses are summed over masks and divided by
-  ``num_masks`` = the number of mask-carrying targets, averaged over ranks via ``num_masks_reducer``.
+  ``num_masks`` = the number of mask-carrying targets in the global batch (see ``count_share``).
 * ``loss_comp`` (SimFormer's CompLoss, §3.3), only when ``complementary_weight > 0``: in each image with a
   novel target, the pixelwise max M of the matched novel queries' mask logits and a constant floor logit
   (``complementary_floor``, sigmoid 0.05; no gradient) should cover exactly the complement of the base
   ground truth, T = 1 - union(base masks), 0 on padding. Per image
-  ``focal_weight * focal(M, T) + dice_weight * dice(M, T)`` with num_masks 1, then the mean over images with
-  novel targets. The focal/dice weights are inside the loss, as in SimFormer's code; the weight-dict entry
+  ``focal_weight * focal(M, T) + dice_weight * dice(M, T)`` with num_masks 1, then the mean over the global
+  batch's images with novel targets. The focal/dice weights are inside the loss, as in SimFormer's code; the weight-dict entry
   of ``loss_comp`` is ``complementary_weight`` alone (lambda_comp). The floor means pixels where every novel
   mask is below 0.05 receive no gradient.
 
@@ -38,9 +38,17 @@ from torch import Tensor, nn
 from weakshot.config import LossConfig, ModelConfig
 from weakshot.losses.matcher import HungarianMatcher, Indices
 
-# Receives this rank's mask count (float scalar tensor on the loss device) and returns the count to divide
-# by, e.g. all_reduce(sum) / world_size as MaskFormer does. The result is clamped to >= 1 afterwards.
-NumMasksReducer = Callable[[Tensor], Tensor]
+# Receives this rank's counts (a float tensor on the loss device: masks, weighted queries, images with a
+# novel target) and their lower bounds, and returns what this rank divides its sums by: the global count,
+# clamped, divided by the number of ranks (weakshot.engine.distributed.World.count_share). DDP averages the
+# ranks' gradients, so every loss is then the mean over the global batch, as one process with the whole
+# batch computes it.
+CountShare = Callable[[Tensor, Tensor], Tensor]
+
+
+def local_count_share(counts: Tensor, minimum: Tensor) -> Tensor:
+    """One process: the counts themselves, clamped."""
+    return torch.maximum(counts, minimum)
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -98,7 +106,7 @@ class SetCriterion(nn.Module):
         deep_supervision: bool,
         *,
         num_aux_layers: int = 5,
-        num_masks_reducer: NumMasksReducer | None = None,
+        count_share: CountShare = local_count_share,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -106,7 +114,7 @@ class SetCriterion(nn.Module):
         self.cfg = loss_cfg
         self.deep_supervision = deep_supervision
         self.num_aux_layers = num_aux_layers if deep_supervision else 0
-        self.num_masks_reducer = num_masks_reducer
+        self.count_share = count_share
         self.use_complementary = loss_cfg.complementary_weight > 0
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = loss_cfg.no_object_weight
@@ -142,21 +150,33 @@ class SetCriterion(nn.Module):
         labels = torch.cat([t["labels"] for t in targets]).to(device)
         has_mask = torch.cat([t["has_mask"] for t in targets]).to(device)
         masks = torch.cat([t["masks"] for t in targets]).to(device)
-        num_masks = has_mask.sum().float()
-        if self.num_masks_reducer is not None:
-            num_masks = self.num_masks_reducer(num_masks)
-        num_masks = num_masks.clamp(min=1)
+        # The normalisers, shared over ranks in one collective: mask-carrying targets; the class loss's
+        # weighted query count (matched queries weigh 1, the no-object rest no_object_weight; the matcher's
+        # indices are on the host, so this costs no sync); images with a novel target (complementary loss).
+        num_queries = outputs["pred_logits"].shape[0] * outputs["pred_logits"].shape[1]
+        num_matched = sum(len(query) for query, _ in indices[0])
+        eos = self.cfg.no_object_weight
+        has_novel = torch.stack([(~t["has_mask"]).any() for t in targets]).to(device)
+        counts = torch.stack(
+            [
+                has_mask.sum().float(),
+                torch.tensor(num_matched + eos * (num_queries - num_matched), device=device),
+                has_novel.sum().float(),
+            ]
+        )
+        # An empty batch divides by 1 (its sums are 0); the class count is never 0 (no-object queries).
+        minimum = torch.tensor([1.0, 1e-6, 1.0], device=device)
+        num_masks, class_norm, num_novel = self.count_share(counts, minimum).unbind()
 
         comp = None
         if self.use_complementary:
             comp_target = complementary_target(targets, batch["pad_mask"].to(device))
-            has_novel = torch.stack([(~t["has_mask"]).any() for t in targets]).to(device)
-            comp = (comp_target, has_novel)
+            comp = (comp_target, has_novel, num_novel)
 
         losses: dict[str, Tensor] = {}
         for i, (layer, layer_idx) in enumerate(zip(layers, packed)):
             suffix = "" if i == 0 else f"_{i - 1}"
-            layer_losses = self._layer_losses(layer, layer_idx, labels, has_mask, masks, num_masks, comp)
+            layer_losses = self._layer_losses(layer, layer_idx, labels, has_mask, masks, num_masks, class_norm, comp)
             losses.update({name + suffix: value for name, value in layer_losses.items()})
         return losses
 
@@ -193,7 +213,8 @@ class SetCriterion(nn.Module):
         has_mask: Tensor,
         masks: Tensor,
         num_masks: Tensor,
-        comp: tuple[Tensor, Tensor] | None,
+        class_norm: Tensor,
+        comp: tuple[Tensor, Tensor, Tensor] | None,
     ) -> dict[str, Tensor]:
         image_idx, query_idx, target_idx = idx
         logits = layer["pred_logits"].float()
@@ -203,7 +224,9 @@ class SetCriterion(nn.Module):
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.long, device=logits.device)
         target_classes[image_idx, query_idx] = labels[target_idx]
         empty_weight = self.empty_weight.to(logits.device)
-        loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=empty_weight)
+        # The weighted mean over queries (F.cross_entropy's with `weight`), its denominator global.
+        loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=empty_weight, reduction="sum")
+        loss_ce = loss_ce / class_norm
 
         # Mask losses at the padded input size. Novel (mask-less) pairs are computed but weighted 0: masking
         # by weight avoids a host sync that boolean indexing would need, and their gradient is exactly 0.
@@ -232,6 +255,7 @@ class SetCriterion(nn.Module):
         has_mask: Tensor,
         comp_target: Tensor,
         has_novel: Tensor,
+        num_novel: Tensor,
     ) -> Tensor:
         num_images, height, width = comp_target.shape
         novel_pair = ~has_mask[target_idx]
@@ -249,7 +273,7 @@ class SetCriterion(nn.Module):
             union, comp_target, self.cfg.focal_alpha, self.cfg.focal_gamma
         ) + self.cfg.dice_weight * dice_loss(union, comp_target)
         has_novel = has_novel.float()
-        loss = (per_image * has_novel).sum() / has_novel.sum().clamp(min=1)
+        loss = (per_image * has_novel).sum() / num_novel
         # Keeps a graph to the predictions when no image has a novel target (DDP expects every step to
         # reach the same parameters; backward() needs a grad_fn).
         return loss + pred_masks.sum() * 0
@@ -259,7 +283,7 @@ def build_criterion(
     num_classes: int,
     model_cfg: ModelConfig,
     loss_cfg: LossConfig,
-    num_masks_reducer: NumMasksReducer | None = None,
+    count_share: CountShare = local_count_share,
 ) -> SetCriterion:
     """The criterion of a run: matcher costs from ``loss_cfg``, one aux layer per decoder layer but the last."""
     return SetCriterion(
@@ -268,5 +292,5 @@ def build_criterion(
         loss_cfg,
         model_cfg.deep_supervision,
         num_aux_layers=model_cfg.dec_layers - 1,
-        num_masks_reducer=num_masks_reducer,
+        count_share=count_share,
     )

@@ -53,7 +53,7 @@ streamed through the pair grids chunk by chunk (same function, several times fas
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -682,6 +682,10 @@ class BalancedWeights(nn.Module):
         return neg / total, pos / total
 
 
+def _identity(value: Tensor) -> Tensor:
+    return value
+
+
 # --- loss pieces -----------------------------------------------------------------------------------------
 
 
@@ -773,6 +777,9 @@ class PixelSimilarityLoss(nn.Module):
         self.distill_padding = distill_padding
         self.simnet = SimNet(embed_dim, cfg.simnet_width, cfg.simnet_blocks)
         self.balance = BalancedWeights(cfg.balance_window)
+        # Sums a tensor over the ranks of a multi-GPU job (World.sum), so that every rank keeps the same pair
+        # counts: the class-balanced weights of the global batch. Identity in one process.
+        self.sum_over_ranks: Callable[[Tensor], Tensor] = _identity
         # Detached diagnostics of the last call (logging only; not losses).
         self.metrics: dict[str, Tensor] = {}
 
@@ -844,7 +851,8 @@ class PixelSimilarityLoss(nn.Module):
         valid = valid & view.directions[:, :, None, None]
 
         if self.training:
-            self.balance.update((target & valid).sum(), (~target & valid).sum())
+            counts = torch.stack([(target & valid).sum(), (~target & valid).sum()]).float()
+            self.balance.update(*self.sum_over_ranks(counts).unbind())
         w_pos, w_neg = self.balance.weights()
         # BCE(softmax(logits)[1], y) computed as the 2-way cross-entropy of the logits: same value, stable.
         ce = F.cross_entropy(logits.reshape(-1, 2), target.reshape(-1).long(), reduction="none").view_as(target)

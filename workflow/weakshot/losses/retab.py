@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakshot.data.classes import IGNORE_LABEL
+from weakshot.losses.criterion import local_count_share
 
 
 def neighbour_pairs(height: int, width: int, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +61,9 @@ class RetabLoss(nn.Module):
     def __init__(self, radius: int) -> None:
         super().__init__()
         self.radius = radius
+        # The criterion's count_share hook (World.count_share in a multi-GPU job): pair and pixel counts of
+        # the global batch, so each term is its mean however the batch is split over ranks.
+        self.count_share = local_count_share
 
     def forward(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         features = outputs["affinity_features"].float()
@@ -76,12 +80,14 @@ class RetabLoss(nn.Module):
         positive = valid & (first == second)
         negative = valid & (first != second)
         eps = 1e-5
-        pos_loss = -(affinity + eps).log()[positive].sum() / positive.sum().clamp(min=1)
-        neg_loss = -(1 - affinity + eps).log()[negative].sum() / negative.sum().clamp(min=1)
-
         boundary = boundary_targets(labels)
         logits = outputs["boundary_logits"].float()
         bce = F.binary_cross_entropy_with_logits(logits, boundary.clamp(min=0), reduction="none")
         on, off = boundary == 1, boundary == 0
-        boundary_loss = bce[on].sum() / on.sum().clamp(min=1) + bce[off].sum() / off.sum().clamp(min=1)
+        counts = torch.stack([positive.sum(), negative.sum(), on.sum(), off.sum()]).float()
+        n_pos, n_neg, n_on, n_off = self.count_share(counts, torch.ones_like(counts)).unbind()
+        # Sums by where() rather than boolean indexing: no host sync.
+        pos_loss = -torch.where(positive, (affinity + eps).log(), 0.0).sum() / n_pos
+        neg_loss = -torch.where(negative, (1 - affinity + eps).log(), 0.0).sum() / n_neg
+        boundary_loss = torch.where(on, bce, 0.0).sum() / n_on + torch.where(off, bce, 0.0).sum() / n_off
         return {"loss_affinity": 0.5 * pos_loss + 0.5 * neg_loss, "loss_boundary": boundary_loss}
