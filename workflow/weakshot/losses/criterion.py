@@ -160,7 +160,7 @@ class SetCriterion(nn.Module):
         counts = torch.stack(
             [
                 has_mask.sum().float(),
-                torch.tensor(num_matched + eos * (num_queries - num_matched), device=device),
+                torch.full((), num_matched + eos * (num_queries - num_matched), device=device),  # no copy
                 has_novel.sum().float(),
             ]
         )
