@@ -100,8 +100,12 @@ def split_targets(dataset):
     )
 
 
+def report_inputs():
+    return table_targets() + figure_targets()
+
+
 def all_targets():
-    return split_targets(config["dataset"]) + table_targets() + figure_targets()
+    return split_targets(config["dataset"]) + report_inputs() + ["results/report.html"]
 
 
 # --- training, evaluation and tables -------------------------------------------------------------------

@@ -40,7 +40,7 @@ rule download:
         "../envs/weakshot.yaml"
     resources:
         mem_mb=1000,
-        runtime=240,
+        runtime=lambda wildcards, attempt: 240 * attempt,
     params:
         url=lambda wildcards: dataset_config(wildcards)["url"],
         checks=download_checks,
@@ -76,7 +76,7 @@ rule extract:
         "../envs/weakshot.yaml"
     resources:
         mem_mb=2000,
-        runtime=60,
+        runtime=lambda wildcards, attempt: 60 * attempt,
     shell:
         "python -m weakshot extract --archive {input} --out {output} > {log} 2>&1"
 
@@ -96,7 +96,7 @@ rule prepare:
     threads: 2
     resources:
         mem_mb=4000,
-        runtime=120,
+        runtime=lambda wildcards, attempt: 120 * attempt,
     params:
         layout=lambda wildcards: dataset_config(wildcards)["layout"],
         exclude=exclude_train_flag,

@@ -19,7 +19,7 @@ rule predict:
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=60,
+        runtime=lambda wildcards, attempt: 60 * attempt,
     params:
         model_dir=subpath(input.model, parent=True),
     shell:
@@ -57,7 +57,7 @@ rule evaluate:
         "../envs/weakshot.yaml"
     resources:
         mem_mb=2000,
-        runtime=30,
+        runtime=lambda wildcards, attempt: 30 * attempt,
     shell:
         "python -m weakshot evaluate --predictions {input.predictions}"
         " --labels {input.prepared}/labels/test --classes {input.prepared}/classes.yaml"

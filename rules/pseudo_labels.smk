@@ -23,7 +23,7 @@ rule pseudo_labels:
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=60,
+        runtime=lambda wildcards, attempt: 60 * attempt,
     params:
         model_dir=subpath(input.model, parent=True),
     shell:
@@ -52,7 +52,7 @@ rule cam_pseudo_labels:
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=60,
+        runtime=lambda wildcards, attempt: 60 * attempt,
     params:
         model_dir=subpath(input.model, parent=True),
     shell:
@@ -82,7 +82,7 @@ rule retab_pseudo_labels:
     threads: 1
     resources:
         mem_mb=8000,
-        runtime=120,
+        runtime=lambda wildcards, attempt: 120 * attempt,
     params:
         cam_dir=subpath(input.cam_model, parent=True),
         retab_dir=subpath(input.retab_model, parent=True),

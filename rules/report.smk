@@ -5,6 +5,7 @@ localrules:
     table,
     table3,
     figure,
+    report,
 
 
 rule table:
@@ -77,3 +78,22 @@ rule figure:
     shell:
         "python -m weakshot figure --prepared {input.prepared} --split {input.split} {params.flags}"
         " --out {output} > {log} 2>&1"
+
+
+# The HTML report (tables, the Table 3 plot and the figures, with their captions): Snakemake's own `--report`,
+# run once they exist, so the default target delivers it. The inner call gets this run's resolved config (the
+# same DAG whatever --configfile was given) and --nolock, since this run holds the working directory's lock.
+rule report:
+    input:
+        report_inputs(),
+    output:
+        "results/report.html",
+    log:
+        "logs/report.log",
+    conda:
+        "../envs/weakshot.yaml"
+    params:
+        config=lambda wildcards: json.dumps(config),
+    shell:
+        "python -m snakemake {input} --report {output} --nolock --configfile <(echo {params.config:q})"
+        " > {log} 2>&1"

@@ -15,7 +15,7 @@ rule image_labels:
         "../envs/weakshot.yaml"
     resources:
         mem_mb=1000,
-        runtime=30,
+        runtime=lambda wildcards, attempt: 30 * attempt,
     params:
         min_pixels=lambda wildcards: dataset_config(wildcards)["image_label_min_pixels"],
     shell:

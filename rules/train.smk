@@ -1,7 +1,8 @@
 # Training stage: FullyOracle (once per dataset, every class), the base model of each split (base classes
 # only: base-model pretraining) and the weak-shot models of each split (SimFormer variants). One loop for
 # all: `python -m weakshot train`, workflow/weakshot/engine/train.py. A killed job resumes from
-# checkpoint.pt in its model folder when the rule runs again.
+# checkpoint.pt in its model folder when the rule runs again. A job given several GPUs (resource `gpu`, set
+# in a profile) trains data-parallel on them: `--gpus` launches one torchrun worker per GPU.
 
 
 rule train:
@@ -22,15 +23,20 @@ rule train:
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=120,
+        # A retry resumes from checkpoint.pt, with more time.
+        runtime=lambda wildcards, attempt: 120 * attempt,
         gpu=1,
+        # The training process and its data-loading workers, per GPU (SLURM: --cpus-per-gpu).
+        cpus_per_gpu=lambda wildcards, threads: threads
+        + method_config(wildcards.method, wildcards.dataset)["train"].get("num_workers", 0),
     params:
         run=run_config,
         out_dir=subpath(output.model, parent=True),
         split_args=split_args,
     shell:
         "python -m weakshot train --run-config {params.run:q} --prepared {input.prepared}"
-        " {params.split_args} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        " {params.split_args} --out-dir {params.out_dir} --threads {threads} --gpus {resources.gpu}"
+        " > {log} 2>&1"
 
 
 # Models trained once per dataset (FullyOracle; the CAM classifier of the baselines): the same job without a
