@@ -61,6 +61,16 @@ def split_map(ground_truth: np.ndarray, novel_ids: list[int]) -> np.ndarray:
     return out
 
 
+def split_overlay(image: np.ndarray, ground_truth: np.ndarray, novel_ids: list[int], alpha: float = 0.6) -> np.ndarray:
+    """The split map laid over the grey input: its texture shows through, so it does not read as one more flat
+    class map (a class colour of the other panels may be red or blue too)."""
+    grey = image.astype(np.float32).mean(axis=2, keepdims=True)
+    if grey.shape[:2] != ground_truth.shape:  # a test image and its label always match; be safe anyway
+        grey = np.full((*ground_truth.shape, 1), 128.0, dtype=np.float32)
+    mixed = (1 - alpha) * grey + alpha * split_map(ground_truth, novel_ids).astype(np.float32)
+    return mixed.clip(0, 255).astype(np.uint8)
+
+
 def colourise(label_map: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return palette[label_map]
 
@@ -95,12 +105,12 @@ def write_figure(
     headers = ["(a) input", "(b) ground truth", "(c) base / novel"] + [
         f"({chr(ord('d') + i)}) {label}" for i, label in enumerate(predictions)
     ]
-    fig, axes = plt.subplots(len(chosen), len(headers), figsize=(1.6 * len(headers), 1.6 * len(chosen) + 0.6))
+    fig, axes = plt.subplots(len(chosen), len(headers), figsize=(1.6 * len(headers), 1.6 * len(chosen) + 1.3))
     axes = np.atleast_2d(axes)
     for r, name in enumerate(chosen):
         image = read_image(_image_path(prepared, name))
         gt = ground_truths[name]
-        panels = [image, colourise(gt, palette), split_map(gt, record["novel_ids"])]
+        panels = [image, colourise(gt, palette), split_overlay(image, gt, record["novel_ids"])]
         panels += [colourise(per_method[label][name], palette) for label in predictions]
         for c, panel in enumerate(panels):
             ax = axes[r, c]
@@ -111,16 +121,36 @@ def write_figure(
                 ax.set_title(headers[c], fontsize=8)
         axes[r, 0].set_ylabel(name[-8:], fontsize=6)
     fig.suptitle(title, fontsize=9)
-    fig.text(
-        0.5, 0.005,
-        "(c): base-class pixels red, novel-class pixels blue, unlabelled black. Class colours as in (b).",
-        ha="center", fontsize=7,
-    )  # fmt: skip
-    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.14, 1, 0.97))
+    last = chr(ord("d") + len(predictions) - 1)
+    _legends(fig, table.names, palette, record["novel_ids"], f"class colours of (b) and (d)-({last})",
+             [ground_truths[n] for n in chosen] + [per_method[label][n] for label in predictions for n in chosen])  # fmt: skip
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=150)
     plt.close(fig)
     return chosen
+
+
+def _legends(
+    fig, names: list[str], palette: np.ndarray, novel_ids: list[int], title: str, maps: list[np.ndarray]
+) -> None:
+    """Two keys under the panels: what (c)'s tints mean, and the name of every class colour that appears."""
+    from matplotlib.patches import Patch
+
+    split_key = [
+        Patch(color=np.array(SPLIT_COLOURS[key]) / 255, label=text)
+        for key, text in [("base", "(c) base class"), ("novel", "(c) novel class"), ("ignore", "(c) unlabelled")]
+    ]
+    fig.legend(handles=split_key, loc="lower left", bbox_to_anchor=(0.01, 0.0), fontsize=6, frameon=False)
+    shown = sorted({int(c) for m in maps for c in np.unique(m) if c != IGNORE_LABEL})
+    novel = set(novel_ids)
+    class_key = [
+        Patch(color=palette[c] / 255, label=f"{names[c]}{' (novel)' if c in novel else ''}") for c in shown
+    ]
+    fig.legend(
+        handles=class_key, loc="lower left", bbox_to_anchor=(0.17, 0.0), ncol=max(1, min(6, -(-len(class_key) // 4))),
+        fontsize=6, frameon=False, title=title, title_fontsize=6,
+    )  # fmt: skip
 
 
 def _image_path(prepared: Path, name: str) -> Path:
