@@ -3,6 +3,13 @@
 # ignore, classes.yaml) that every later stage reads.
 
 
+
+# Downloads run where Snakemake runs (the login node on a cluster): compute nodes often have no internet.
+localrules:
+    download,
+    download_pretrained,
+
+
 rule generate_embedded:
     output:
         archive="resources/{dataset}/archive.zip",

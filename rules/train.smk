@@ -28,7 +28,7 @@ rule train:
         gpu=1,
         # The training process and its data-loading workers, per GPU (SLURM: --cpus-per-gpu).
         cpus_per_gpu=lambda wildcards, threads: threads
-        + method_config(wildcards.method, wildcards.dataset)["train"].get("num_workers", 0),
+        + method_config(wildcards.method, wildcards.dataset)["train"]["num_workers"],
     params:
         run=run_config,
         out_dir=subpath(output.model, parent=True),

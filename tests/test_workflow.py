@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +11,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from workflow_copy import copy_workflow
+
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ["Snakefile", "rules", "config", "envs", "profiles", "report", "workflow"]
 
 
 def snakemake(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
@@ -42,13 +42,7 @@ def job_counts(dry_run_output: str) -> dict[str, int]:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """A copy of the workflow, so runs never touch the checkout's results/."""
-    for name in WORKFLOW_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(source, tmp_path / name)
-    return tmp_path
+    return copy_workflow(tmp_path)
 
 
 def test_lint_is_clean():
