@@ -3,7 +3,6 @@
 # ignore, classes.yaml) that every later stage reads.
 
 
-
 # Downloads run where Snakemake runs (the login node on a cluster): compute nodes often have no internet.
 localrules:
     download,
