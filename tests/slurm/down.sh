@@ -8,14 +8,7 @@ set -uo pipefail
 DIR=${SLURM_CI_DIR:-/run/weakshot-slurm}
 [ -s "$DIR/pids" ] || exit 0
 
-ours() {  # name, pid: is pid still the daemon `name` started for $DIR (its arguments or SLURM_CONF say so)?
-    local cmdline
-    [ -r "/proc/$2/cmdline" ] || return 1
-    cmdline=$(tr '\0' '\n' < "/proc/$2/cmdline")
-    [ "$(basename "$(head -n 1 <<< "$cmdline")")" = "$1" ] || return 1
-    grep -qF "$DIR/" <<< "$cmdline" \
-        || tr '\0' '\n' < "/proc/$2/environ" 2> /dev/null | grep -qxF "SLURM_CONF=$DIR/etc/slurm.conf"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # Jobs still queued or running (a test that timed out) are cancelled while slurmctld is still up.
 if grep -q '^slurmctld ' "$DIR/pids" && [ -f "$DIR/etc/slurm.conf" ]; then

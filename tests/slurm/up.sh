@@ -28,14 +28,7 @@ die() { echo "slurm up: $*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "needs root (daemons run as root, packages come from apt-get)"
 
-ours() {  # name, pid: is pid still the daemon `name` started for $DIR (its arguments or SLURM_CONF say so)?
-    local cmdline
-    [ -r "/proc/$2/cmdline" ] || return 1
-    cmdline=$(tr '\0' '\n' < "/proc/$2/cmdline")
-    [ "$(basename "$(head -n 1 <<< "$cmdline")")" = "$1" ] || return 1
-    grep -qF "$DIR/" <<< "$cmdline" \
-        || tr '\0' '\n' < "/proc/$2/environ" 2> /dev/null | grep -qxF "SLURM_CONF=$DIR/etc/slurm.conf"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # The folder is this script's alone: never wipe one it did not make, never start over a running copy.
 if [ -e "$DIR" ] && [ ! -e "$DIR/.weakshot-slurm" ]; then
