@@ -130,15 +130,13 @@ def method_config(method, dataset=None):
         raise ValueError(
             f"config: no method {method!r} under 'methods' ({', '.join(config['methods'])})"
         )
-    layers = [config["training"], config["methods"][method]]
-    if dataset is not None:
-        spec = config["datasets"][dataset]
-        layers = [
-            config["training"],
-            spec.get("training", {}),
-            config["methods"][method],
-            spec.get("methods", {}).get(method, {}),
-        ]
+    spec = config["datasets"][dataset] if dataset is not None else {}
+    layers = [
+        config["training"],
+        spec.get("training", {}),
+        config["methods"][method],
+        spec.get("methods", {}).get(method, {}),
+    ]
     merged = {}
     for layer in layers:
         merged = deep_merge(merged, layer)

@@ -41,20 +41,17 @@ class World:
             )
         return global_batch // self.size
 
-    def mean(self, value: Tensor) -> Tensor:
-        """The mean of ``value`` over ranks (itself in a world of one). A collective: every rank must call it."""
-        if not self.distributed:
-            return value
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return value / self.size
-
     def sum(self, value: Tensor) -> Tensor:
+        """The sum of ``value`` over ranks (itself in a world of one). A collective: every rank must call it."""
         if not self.distributed:
             return value
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
+
+    def mean(self, value: Tensor) -> Tensor:
+        """The mean of ``value`` over ranks (a collective, as :meth:`sum`)."""
+        return self.sum(value) / self.size
 
     def count_share(self, counts: Tensor, minimum: Tensor) -> Tensor:
         """What each rank divides its loss sums by (the criterion's ``count_share``): the global count,
