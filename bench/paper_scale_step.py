@@ -31,16 +31,17 @@ from weakshot.data.embedded import EmbeddedConfig, generate_embedded
 from weakshot.data.splits import SplitSpec, write_image_labels, write_split, write_split_image_labels
 from weakshot.engine.train import (
     TrainInputs,
-    autocast,
     build_dataset,
     build_loss_modules,
     build_model,
+    build_optimizer,
+    forward,
     loss_weights,
     pick_device,
+    step_losses,
     to_device,
 )
 from weakshot.losses.criterion import total_loss
-from weakshot.model.maskformer import param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,10 +80,7 @@ def measure(run: RunConfig, data: dict[str, Path], device: torch.device, steps: 
     if device.type == "cuda" and run.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     weights = loss_weights(run, losses_module)
-    groups = param_groups(model, run.train.lr, run.train.weight_decay, run.train.backbone_multiplier)
-    groups += param_groups(losses_module, run.train.lr, run.train.weight_decay, 1.0)
-    optimizer = torch.optim.AdamW(groups, lr=run.train.lr, weight_decay=run.train.weight_decay)
-    parameters = [p for group in groups for p in group["params"]]
+    optimizer, parameters = build_optimizer(run, model, losses_module)
     inputs = TrainInputs(data["prepared"], Path("/dev/null"), split=data["split"], image_labels=data["image_labels"])
     batches = iter(
         infinite_loader(
@@ -91,6 +89,7 @@ def measure(run: RunConfig, data: dict[str, Path], device: torch.device, steps: 
         )
     )  # fmt: skip
     criterion = losses_module["set"]
+    similarity = losses_module["similarity"] if "similarity" in losses_module else None
     matching = [0.0]
     match_layers = criterion.matcher.match_layers
 
@@ -103,24 +102,15 @@ def measure(run: RunConfig, data: dict[str, Path], device: torch.device, steps: 
     criterion.matcher.match_layers = timed_match
 
     def step() -> int:
+        # engine/train.py's step: forward, every loss, backward, clipping, AdamW.
         batch = to_device(next(batches), device)
-        images = batch["images"]
-        if device.type == "cuda" and run.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(run, device):
-            outputs = model(images)
-        losses = criterion(outputs, batch)
-        if "similarity" in losses_module:
-            final = {k: outputs[k].float() for k in ("mask_features", "pred_logits", "pred_masks")}
-            losses.update(
-                losses_module["similarity"](final["mask_features"], final["pred_logits"], final["pred_masks"], batch)
-            )
-        loss = total_loss(losses, weights)
+        outputs = forward(model, batch, run, device)
+        loss = total_loss(step_losses(criterion, similarity, outputs, batch), weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, run.train.clip_grad_norm)
         optimizer.step()
-        return images.shape[0]
+        return batch["images"].shape[0]
 
     def sync() -> None:
         if device.type == "cuda":

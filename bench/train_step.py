@@ -21,9 +21,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from weakshot.config import RunConfig, deep_merge
 from weakshot.data.dataset import infinite_loader
-from weakshot.engine.train import TrainInputs, build_dataset, build_loss_modules, build_model, loss_weights
+from weakshot.engine.train import (
+    TrainInputs,
+    build_dataset,
+    build_loss_modules,
+    build_model,
+    build_optimizer,
+    forward,
+    loss_weights,
+    step_losses,
+)
 from weakshot.losses.criterion import total_loss
-from weakshot.model.maskformer import param_groups
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -60,26 +68,21 @@ def main() -> None:
     model = build_model(run, num_classes, None)
     losses_module = build_loss_modules(run, num_classes)
     weights = loss_weights(run, losses_module)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, run.train.lr, run.train.weight_decay, 1.0) + param_groups(losses_module, run.train.lr, 0, 1)
-    )
+    optimizer, parameters = build_optimizer(run, model, losses_module)
+    main_loss = losses_module["set" if "set" in losses_module else next(iter(losses_module))]
+    similarity = losses_module["similarity"] if "similarity" in losses_module else None
     batches = iter(infinite_loader(build_dataset(run, inputs), run.train.batch_size, 0, run.train.seed))
+    device = torch.device("cpu")
 
-    def step(batch: dict) -> dict[str, float]:
+    def step(batch: dict) -> dict[str, float]:  # engine/train.py's step, timed in parts
         t0 = time.perf_counter()
-        outputs = model(batch["images"])
+        outputs = forward(model, batch, run, device)
         t1 = time.perf_counter()
-        losses = losses_module["set"](outputs, batch)
-        if "similarity" in losses_module:
-            losses.update(
-                losses_module["similarity"](
-                    outputs["mask_features"], outputs["pred_logits"], outputs["pred_masks"], batch
-                )
-            )
-        loss = total_loss(losses, weights)
+        loss = total_loss(step_losses(main_loss, similarity, outputs, batch), weights)
         t2 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, run.train.clip_grad_norm)
         optimizer.step()
         t3 = time.perf_counter()
         return {"forward": t1 - t0, "matching + losses": t2 - t1, "backward + optimiser": t3 - t2}
@@ -100,8 +103,8 @@ def main() -> None:
 
     batch = next(batches)
     with FlopCounterMode(display=False) as counter:
-        outputs = model(batch["images"])
-        loss = total_loss(losses_module["set"](outputs, batch), weights)
+        outputs = forward(model, batch, run, device)
+        loss = total_loss(step_losses(main_loss, similarity, outputs, batch), weights)
         loss.backward()
     flops_per_image = counter.get_total_flops() / batch["images"].shape[0]
     peak = matmul_peak()

@@ -1,6 +1,8 @@
 """RETAB adapted: boundary targets from base masks, the affinity loss, the networks' training and the pseudo-labels
 (base GT kept, only present novel classes)."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,29 @@ def test_affinity_loss_pulls_same_class_pixels_together():
     assert good["loss_affinity"] < 0.01 < bad["loss_affinity"]
     novel = {"labels": torch.full((1, 4, 4), 255)}
     assert loss({"affinity_features": apart, "boundary_logits": torch.zeros(1, 4, 4)}, novel)["loss_affinity"] == 0
+
+
+@pytest.mark.parametrize("radius", [1, 2, 5])
+def test_affinity_loss_is_the_mean_over_every_ordered_pair_within_the_radius(radius):
+    """The loss shifts the map against itself, one offset per unordered pair; brute force over both orders of
+    every pair (an explicit double loop over pixels) gives the same value and gradient."""
+    generator = torch.Generator().manual_seed(radius)
+    features = torch.randn(2, 3, 6, 7, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 6, 7), generator=generator)
+    labels[0, :2] = 255
+    pos, neg = [], []
+    for b in range(2):
+        for y1, x1, y2, x2 in itertools.product(range(6), range(7), range(6), range(7)):
+            first, second = labels[b, y1, x1], labels[b, y2, x2]
+            if (y1, x1) == (y2, x2) or (y1 - y2) ** 2 + (x1 - x2) ** 2 > radius**2 or 255 in (first, second):
+                continue
+            affinity = torch.exp(-(features[b, :, y1, x1] - features[b, :, y2, x2]).abs().mean())
+            (pos if first == second else neg).append(affinity)
+    expected = 0.5 * -(torch.stack(pos) + 1e-5).log().mean() + 0.5 * -(1 - torch.stack(neg) + 1e-5).log().mean()
+    outputs = {"affinity_features": features, "boundary_logits": torch.zeros(2, 6, 7)}
+    got = RetabLoss(radius)(outputs, {"labels": labels})["loss_affinity"]
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad(got, features)[0], torch.autograd.grad(expected, features)[0])
 
 
 def test_retab_label_map_keeps_present_classes_and_respects_a_boundary():

@@ -214,6 +214,43 @@ class Progress:
         )
 
 
+def build_optimizer(
+    run: RunConfig, model: nn.Module, losses_module: nn.ModuleDict
+) -> tuple[torch.optim.AdamW, list[nn.Parameter]]:
+    """AdamW over the network (backbone at ``backbone_multiplier`` x lr) and the losses' own weights (SimNet);
+    no decay on norms and embeddings. Each group keeps its ``initial_lr`` for the poly schedule. Returns the
+    optimiser and the parameters to clip."""
+    groups = param_groups(model, run.train.lr, run.train.weight_decay, run.train.backbone_multiplier)
+    groups += param_groups(losses_module, run.train.lr, run.train.weight_decay, 1.0)
+    for group in groups:
+        group["initial_lr"] = group["lr"]
+    optimizer = torch.optim.AdamW(groups, lr=run.train.lr, weight_decay=run.train.weight_decay)
+    return optimizer, [p for group in groups for p in group["params"]]
+
+
+def forward(segmenter: nn.Module, batch: dict[str, Any], run: RunConfig, dev: torch.device) -> dict:
+    """The network's outputs for a batch already on ``dev`` (autocast and channels-last on CUDA)."""
+    images = batch["images"]
+    if dev.type == "cuda" and run.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(run, dev):
+        # The CAM classifier pools over the real pixels only: it reads the padding mask.
+        is_cam = isinstance(getattr(segmenter, "module", segmenter), CamClassifier)
+        return segmenter(images, batch["pad_mask"]) if is_cam else segmenter(images)
+
+
+def step_losses(
+    main_loss: nn.Module, similarity: nn.Module | None, outputs: dict, batch: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Every loss term of one step: the segmenter's set criterion, or the one loss of a baseline network (CAM
+    classifier, RETAB nets), plus pixel-pixel similarity transfer (in float32) when the method has it."""
+    losses = main_loss(outputs, batch)
+    if similarity is not None:
+        final = {k: outputs[k].float() for k in ("mask_features", "pred_logits", "pred_masks")}
+        losses.update(similarity(final["mask_features"], final["pred_logits"], final["pred_masks"], batch))
+    return losses
+
+
 def train(run: RunConfig, inputs: TrainInputs, *, device: str | None = None, stop_at: int | None = None) -> Path:
     """Train one model into ``inputs.out_dir``; returns the path of ``model.pt``.
 
@@ -244,12 +281,7 @@ def _train(
     if dev.type == "cuda" and run.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     weights = loss_weights(run, losses_module)
-    groups = param_groups(model, run.train.lr, run.train.weight_decay, run.train.backbone_multiplier)
-    groups += param_groups(losses_module, run.train.lr, run.train.weight_decay, 1.0)
-    for group in groups:
-        group["initial_lr"] = group["lr"]
-    optimizer = torch.optim.AdamW(groups, lr=run.train.lr, weight_decay=run.train.weight_decay)
-    parameters = [p for group in groups for p in group["params"]]
+    optimizer, parameters = build_optimizer(run, model, losses_module)
 
     dataset = build_dataset(run, inputs)
     checkpoint = out_dir / CHECKPOINT_NAME
@@ -296,16 +328,8 @@ def _train(
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         batch = to_device(next(batches), dev)
-        images = batch["images"]
-        if dev.type == "cuda" and run.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(run, dev):
-            outputs = segmenter(images, batch["pad_mask"]) if isinstance(model, CamClassifier) else segmenter(images)
-        # The segmenter's set criterion, or the one loss of a baseline network (CAM classifier, RETAB nets).
-        losses = main_loss(outputs, batch)
-        if similarity is not None:
-            final = {k: outputs[k].float() for k in ("mask_features", "pred_logits", "pred_masks")}
-            losses.update(similarity(final["mask_features"], final["pred_logits"], final["pred_masks"], batch))
+        outputs = forward(segmenter, batch, run, dev)
+        losses = step_losses(main_loss, similarity, outputs, batch)
         loss = total_loss(losses, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -5,7 +5,9 @@ stride, so nothing of the novel classes is seen.
 
 - **Affinity** (PSA/RETAB): for every pair of labelled pixels within ``radius``, ``a = exp(-mean|f_i - f_j|)``;
   positives (same class) pay ``-log a``, negatives ``-log(1 - a)``; the loss is ``1/2 mean_pos + 1/2 mean_neg``.
-  RETAB splits positives into background and foreground (1/4 each); there is no background class here.
+  RETAB splits positives into background and foreground (1/4 each); there is no background class here. The
+  affinity is symmetric, so each unordered pair is taken once (the means are those over both orders), by
+  shifting the feature map against itself once per offset: no gathers, and a backward of plain slice adds.
 - **Boundary** (RETAB, with a target RETAB takes from VOC's void band): a pixel is a boundary pixel when its
   3 x 3 neighbourhood holds two different values, counting 255 as one (the border between a base region and
   anything else is a class border); a pixel whose neighbourhood is one base class is a non-boundary pixel; a
@@ -39,6 +41,25 @@ def neighbour_pairs(height: int, width: int, radius: int) -> tuple[torch.Tensor,
     return torch.cat(sources), torch.cat(targets)
 
 
+def half_offsets(radius: int) -> list[tuple[int, int]]:
+    """Offsets (dy, dx) within Euclidean distance ``radius``, one of each +-(dy, dx) pair (dy > 0, or dy == 0
+    and dx > 0): every unordered neighbour pair of a grid is (p, p + offset) for exactly one of them."""
+    return [
+        (dy, dx)
+        for dy in range(0, radius + 1)
+        for dx in range(-radius, radius + 1)
+        if (dy > 0 or dx > 0) and dy * dy + dx * dx <= radius * radius
+    ]
+
+
+def shifted_pair(x: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views ``(x[..., p], x[..., p + (dy, dx)])`` over every grid position ``p`` whose partner is inside
+    (``dy >= 0``); the last two dimensions are the grid."""
+    h, w = x.shape[-2:]
+    left, right = max(0, -dx), w - max(0, dx)
+    return x[..., : h - dy, left:right], x[..., dy:, left + dx : right + dx]
+
+
 def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour downsampling of B x H x W integer labels."""
     return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
@@ -70,12 +91,17 @@ class RetabLoss(nn.Module):
         b, _, h, w = features.shape
         labels = downsample_labels(batch["labels"], (h, w))
 
-        sources, targets = neighbour_pairs(h, w, self.radius)
-        sources, targets = sources.to(features.device), targets.to(features.device)
-        flat = features.flatten(2)  # B x C x N
-        affinity = torch.exp(-(flat[:, :, sources] - flat[:, :, targets]).abs().mean(1))  # B x P
-        flat_labels = labels.flatten(1)
-        first, second = flat_labels[:, sources], flat_labels[:, targets]
+        distances, firsts, seconds = [], [], []
+        for dy, dx in half_offsets(self.radius):
+            if dy >= h or abs(dx) >= w:
+                continue
+            f_first, f_second = shifted_pair(features, dy, dx)
+            distances.append((f_first - f_second).abs().mean(1).flatten(1))
+            l_first, l_second = shifted_pair(labels, dy, dx)
+            firsts.append(l_first.flatten(1))
+            seconds.append(l_second.flatten(1))
+        affinity = torch.exp(-torch.cat(distances, 1))  # B x (unordered pairs)
+        first, second = torch.cat(firsts, 1), torch.cat(seconds, 1)
         valid = (first != IGNORE_LABEL) & (second != IGNORE_LABEL)
         positive = valid & (first == second)
         negative = valid & (first != second)
