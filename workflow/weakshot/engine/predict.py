@@ -45,17 +45,28 @@ def load_model(model_dir: Path, device: torch.device, expected: type | None = No
 
 
 @torch.no_grad()
-def predict_label_maps(
-    model: MaskFormer, run: RunConfig, dataset: TestDataset, device: torch.device, num_workers: int = 0
-) -> Iterator[tuple[str, np.ndarray, torch.Tensor]]:
-    """Yield (name, label map uint8 at the original resolution, K x H x W scores) per image."""
+def evaluation_outputs(
+    model: Model, run: RunConfig, dataset: TestDataset, device: torch.device, keys: tuple[str, ...],
+    num_workers: int = 0,
+) -> Iterator[tuple[dict, tuple[int, int], dict[str, torch.Tensor]]]:
+    """The network's ``keys`` outputs (float32) on each evaluation batch of ``dataset`` (resized, padded; see
+    ``TestDataset``): yields (batch, padded size, outputs). Prediction, CAMs and RETAB's features all read
+    the training images or the test images this way."""
     loader = evaluation_loader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda")
     for batch in loader:
         images = batch["images"].to(device, non_blocking=True)
         with autocast(run, device):
             outputs = model(images)
-        outputs = {k: outputs[k].float() for k in ("pred_logits", "pred_masks")}
-        scores = segment(outputs, tuple(images.shape[-2:]), batch["image_size"], batch["orig_size"])
+        yield batch, tuple(images.shape[-2:]), {k: outputs[k].float() for k in keys}
+
+
+def predict_label_maps(
+    model: MaskFormer, run: RunConfig, dataset: TestDataset, device: torch.device, num_workers: int = 0
+) -> Iterator[tuple[str, np.ndarray, torch.Tensor]]:
+    """Yield (name, label map uint8 at the original resolution, K x H x W scores) per image."""
+    keys = ("pred_logits", "pred_masks")
+    for batch, padded, outputs in evaluation_outputs(model, run, dataset, device, keys, num_workers):
+        scores = segment(outputs, padded, batch["image_size"], batch["orig_size"])
         for name, score in zip(batch["names"], scores):
             yield name, score.argmax(0).to(torch.uint8).cpu().numpy(), score
 

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from weakshot.config import RunConfig
-from weakshot.data.dataset import TestDataset, evaluation_loader
+from weakshot.data.dataset import TestDataset
 from weakshot.data.splits import load_split, read_split_image_labels
-from weakshot.engine.predict import load_model
-from weakshot.engine.train import autocast, pick_device
+from weakshot.engine.predict import evaluation_outputs, load_model
+from weakshot.engine.train import pick_device
 from weakshot.methods.pseudo_labels import write_label_folder
 from weakshot.model.cam_classifier import CamClassifier, normalised_cams
 from weakshot.model.maskformer import postprocess
@@ -31,17 +31,13 @@ from weakshot.model.maskformer import postprocess
 UNLABELLED = 255
 
 
-@torch.no_grad()
 def class_activation_maps(
     model: CamClassifier, run: RunConfig, dataset: TestDataset, device: torch.device
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, raw CAMs K x H x W at the original resolution) per image of ``dataset``."""
-    for batch in evaluation_loader(dataset, pin_memory=device.type == "cuda"):
-        images = batch["images"].to(device, non_blocking=True)
-        with autocast(run, device):
-            cams = model(images)["cams"].float()
-        for name, cam, size, orig in zip(batch["names"], cams, batch["image_size"], batch["orig_size"]):
-            yield name, postprocess(cam, tuple(images.shape[-2:]), size, orig)
+    for batch, padded, outputs in evaluation_outputs(model, run, dataset, device, ("cams",)):
+        for name, cam, size, orig in zip(batch["names"], outputs["cams"], batch["image_size"], batch["orig_size"]):
+            yield name, postprocess(cam, padded, size, orig)
 
 
 def cam_label_map(cams: torch.Tensor, novel_present: list[int], min_score: float = 0.0) -> np.ndarray:

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from weakshot.config import RunConfig
-from weakshot.data.dataset import TestDataset, evaluation_loader, read_label
+from weakshot.data.dataset import TestDataset, read_label
 from weakshot.data.splits import load_split, read_split_image_labels
-from weakshot.engine.predict import load_model
-from weakshot.engine.train import autocast, pick_device
+from weakshot.engine.predict import evaluation_outputs, load_model
+from weakshot.engine.train import pick_device
 from weakshot.methods.cam import UNLABELLED, class_activation_maps
 from weakshot.methods.pseudo_labels import write_label_folder
 from weakshot.methods.random_walk import random_walk
@@ -36,22 +36,19 @@ from weakshot.model.cam_classifier import CamClassifier, normalised_cams
 from weakshot.model.retab_net import RetabNet
 
 
-@torch.no_grad()
 def retab_features(
     model: RetabNet, run: RunConfig, dataset: TestDataset, device: torch.device
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """Yield (name, affinity features C x h x w, boundary probability h x w) on the image's own grid (the
     padding cropped off)."""
-    for batch in evaluation_loader(dataset, pin_memory=device.type == "cuda"):
-        images = batch["images"].to(device, non_blocking=True)
-        with autocast(run, device):
-            outputs = model(images)
+    keys = ("affinity_features", "boundary_logits")
+    for batch, _, outputs in evaluation_outputs(model, run, dataset, device, keys):
         for i, (name, size) in enumerate(zip(batch["names"], batch["image_size"])):
             h, w = (math.ceil(s / model.stride) for s in size)
             yield (
                 name,
-                outputs["affinity_features"][i, :, :h, :w].float().cpu(),
-                outputs["boundary_logits"][i, :h, :w].float().sigmoid().cpu(),
+                outputs["affinity_features"][i, :, :h, :w].cpu(),
+                outputs["boundary_logits"][i, :h, :w].sigmoid().cpu(),
             )
 
 
