@@ -229,6 +229,36 @@ def test_mask_losses_use_bilinear_upsampled_predictions() -> None:
     assert losses["loss_dice"].item() == pytest.approx(dice_loss(up, gt).sum().item() / 2, rel=1e-6)
 
 
+def test_unlabelled_pixels_leave_the_mask_losses_only_when_asked() -> None:
+    """Retraining on pseudo-labels (``loss.mask_ignore_unlabelled``): pixels labelled 255 are no negative of any
+    mask, so the mask losses are those of the labelled pixels alone and the 255 pixels get no mask gradient.
+    By default (MaskFormer) they are negatives of every mask."""
+    gen = torch.Generator().manual_seed(7)
+    gt = torch.zeros(1, 4, 4)
+    gt[0, :2, :2] = 1  # class 2 in the top-left corner
+    labels = torch.full((1, 4, 4), 1, dtype=torch.uint8)  # class 1 (no target here: only its label) ...
+    labels[0, :2, :2] = 2
+    labels[0, 2:] = 255  # ... and an unlabelled bottom half
+    batch = make_batch([make_target([2], gt, [True])], 4)
+    batch["labels"] = labels
+    for ignore in (True, False):
+        pred_masks = torch.randn(1, 3, 4, 4, generator=gen).requires_grad_()
+        logits = torch.zeros(1, 3, K + 1)
+        criterion = criterion_for(mask_ignore_unlabelled=ignore)
+        losses = criterion({"pred_logits": logits, "pred_masks": pred_masks}, batch)
+        (losses["loss_focal"] + losses["loss_dice"]).backward()
+        (q,), _ = criterion.last_indices[0]
+        grad = pred_masks.grad[0, q]
+        assert grad[:2].abs().min() > 0  # the labelled pixels are trained either way
+        if ignore:
+            top, target = pred_masks[0, q, :2].detach()[None], gt[0, :2][None]
+            assert losses["loss_focal"].item() == pytest.approx(sigmoid_focal_loss(top, target).item(), rel=1e-6)
+            assert losses["loss_dice"].item() == pytest.approx(dice_loss(top, target).item(), rel=1e-6)
+            assert torch.all(grad[2:] == 0)
+        else:
+            assert grad[2:].abs().min() > 0
+
+
 def test_normalisers_count_base_masks_weighted_queries_and_go_through_the_share_hook() -> None:
     gen = torch.Generator().manual_seed(0)
     targets = [random_targets(gen, 3, [True, True, False], 8), random_targets(gen, 1, [True], 8)]

@@ -63,6 +63,9 @@ class LossConfig:
     cost_dice: float = 1.0
     complementary_weight: float = 0.0  # lambda_comp: 0.15 COCO, 0.2 ADE, 0 for Basic Model and retraining
     complementary_floor: float = -2.9444  # logit of the constant "ignore proposal" (sigmoid = 0.05)
+    # Leave pixels labelled 255 out of the mask losses (MaskFormer: a negative of every mask). For training on
+    # pseudo-labels, whose 255 pixels are "not known", mostly unlabelled novel pixels (README, Table 3).
+    mask_ignore_unlabelled: bool = False
     affinity_radius: int = 5  # RETAB: pixel pairs within this radius (feature-map pixels) train the affinity
     image_pos_weight: float = 5.0  # CAM classifier: BCE weight of present classes (about 1/10 of all classes)
 

@@ -10,7 +10,9 @@ Per decoder layer (final, then every auxiliary layer when deep supervision is on
   targets have only an image-level label and an empty mask; supervising their query's mask with it would
   teach "novel class = nothing", so their pairs are weighted 0 and their masks get no gradient. Prediction
   masks are bilinearly upsampled to the padded input size; both losses are summed over masks and divided by
-  ``num_masks`` = the number of mask-carrying targets in the global batch (see ``count_share``).
+  ``num_masks`` = the number of mask-carrying targets in the global batch (see ``count_share``). With
+  ``mask_ignore_unlabelled`` (the retrains on pseudo-labels) pixels whose label is 255 are left out of both
+  mask losses instead of being a negative of every mask, as MaskFormer treats them.
 * ``loss_comp`` (SimFormer's CompLoss, §3.3), only when ``complementary_weight > 0``: in each image with a
   novel target, the pixelwise max M of the matched novel queries' mask logits and a constant floor logit
   (``complementary_floor``, sigmoid 0.05; no gradient) should cover exactly the complement of the base
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from weakshot.config import LossConfig, ModelConfig
+from weakshot.data.classes import IGNORE_LABEL
 from weakshot.losses.matcher import HungarianMatcher, Indices
 
 # Receives this rank's counts (a float tensor on the loss device: masks, weighted queries, images with a
@@ -51,21 +54,30 @@ def local_count_share(counts: Tensor, minimum: Tensor) -> Tensor:
     return torch.maximum(counts, minimum)
 
 
-def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Sigmoid focal loss of each mask, averaged over its pixels: ``[N, ...]`` -> ``[N]``."""
+def sigmoid_focal_loss(
+    logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0, valid: Tensor | None = None
+) -> Tensor:
+    """Sigmoid focal loss of each mask, averaged over its pixels (its ``valid`` pixels, a 0/1 map of the same
+    shape, when given): ``[N, ...]`` -> ``[N]``."""
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = prob * targets + (1 - prob) * (1 - targets)
     loss = ce * (1 - p_t).pow(gamma)
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.flatten(1).mean(1)
+    if valid is None:
+        return loss.flatten(1).mean(1)
+    valid = valid.flatten(1)
+    return (loss.flatten(1) * valid).sum(1) / valid.sum(1).clamp(min=1)
 
 
-def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Dice loss with +1 smoothing of each mask on sigmoid probabilities: ``[N, ...]`` -> ``[N]``."""
+def dice_loss(logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Dice loss with +1 smoothing of each mask on sigmoid probabilities (over its ``valid`` pixels when
+    given): ``[N, ...]`` -> ``[N]``."""
     prob = logits.sigmoid().flatten(1)
     targets = targets.flatten(1)
+    if valid is not None:
+        prob, targets = prob * valid.flatten(1), targets * valid.flatten(1)
     numerator = 2 * (prob * targets).sum(1) + 1
     denominator = prob.sum(1) + targets.sum(1) + 1
     return 1 - numerator / denominator
@@ -168,6 +180,9 @@ class SetCriterion(nn.Module):
         minimum = torch.tensor([1.0, 1e-6, 1.0], device=device)
         num_masks, class_norm, num_novel = self.count_share(counts, minimum).unbind()
 
+        # Pixels every mask loss reads (B x H x W, 1 = read), or None: all of them.
+        valid = (batch["labels"].to(device) != IGNORE_LABEL).float() if self.cfg.mask_ignore_unlabelled else None
+
         comp = None
         if self.use_complementary:
             comp_target = complementary_target(targets, batch["pad_mask"].to(device))
@@ -176,7 +191,9 @@ class SetCriterion(nn.Module):
         losses: dict[str, Tensor] = {}
         for i, (layer, layer_idx) in enumerate(zip(layers, packed)):
             suffix = "" if i == 0 else f"_{i - 1}"
-            layer_losses = self._layer_losses(layer, layer_idx, labels, has_mask, masks, num_masks, class_norm, comp)
+            layer_losses = self._layer_losses(
+                layer, layer_idx, labels, has_mask, masks, num_masks, class_norm, comp, valid
+            )
             losses.update({name + suffix: value for name, value in layer_losses.items()})
         return losses
 
@@ -215,6 +232,7 @@ class SetCriterion(nn.Module):
         num_masks: Tensor,
         class_norm: Tensor,
         comp: tuple[Tensor, Tensor, Tensor] | None,
+        valid: Tensor | None = None,
     ) -> dict[str, Tensor]:
         image_idx, query_idx, target_idx = idx
         logits = layer["pred_logits"].float()
@@ -235,8 +253,9 @@ class SetCriterion(nn.Module):
         matched = F.interpolate(matched[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         matched_targets = masks[target_idx].float()
         pair_weight = has_mask[target_idx].float()
-        focal = sigmoid_focal_loss(matched, matched_targets, self.cfg.focal_alpha, self.cfg.focal_gamma)
-        dice = dice_loss(matched, matched_targets)
+        matched_valid = None if valid is None else valid[image_idx]
+        focal = sigmoid_focal_loss(matched, matched_targets, self.cfg.focal_alpha, self.cfg.focal_gamma, matched_valid)
+        dice = dice_loss(matched, matched_targets, matched_valid)
         losses = {
             "loss_ce": loss_ce,
             "loss_focal": (focal * pair_weight).sum() / num_masks,
