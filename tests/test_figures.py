@@ -36,3 +36,37 @@ def test_split_overlay_tints_the_grey_input():
     assert out[0, 0, 0] > out[0, 0, 2] and out[0, 1, 2] > out[0, 1, 0]  # base reddish, novel bluish
     assert out[0, 0, 0] > out[1, 1, 0]  # the same (base) tint on a bright and a dark pixel differs: texture
     assert (out[1, 0] == out[1, 0, 0]).all()  # unlabelled: grey only
+
+
+def test_every_class_name_of_the_key_fits_inside_the_figure(dataset, tmp_path, monkeypatch):
+    """Predictions that use every class of the dataset: the class key wraps into as many rows as it needs, and
+    no legend reaches past the figure's edges (the names would be cut off in the PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from weakshot.data.classes import ClassTable
+    from weakshot.evaluation.results import ResultWriter
+    from weakshot.reporting.figures import write_figure
+
+    table = ClassTable.load(dataset["prepared"] / "classes.yaml")
+    predictions = {}
+    for shift, label in enumerate(["A", "B", "C"]):
+        predictions[label] = tmp_path / f"{label}.json"
+        with ResultWriter(predictions[label], table.id_to_dataset_id()) as writer:
+            for png in sorted((dataset["prepared"] / "labels" / "test").glob("*.png")):
+                every_class = (np.arange(32 * 32).reshape(32, 32) + shift) % table.num_classes
+                writer.add(png.stem, every_class.astype(np.uint8))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to measure it
+    write_figure(dataset["prepared"], dataset["split"], predictions, tmp_path / "figure.png", rows=2)
+    (figure,) = figures
+    renderer = figure.canvas.get_renderer()
+    page = figure.bbox
+    legends = figure.legends
+    assert len(legends) == 2 and len(legends[1].get_texts()) == table.num_classes
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, box
+    assert (tmp_path / "figure.png").stat().st_size > 0

@@ -105,7 +105,16 @@ def write_figure(
     headers = ["(a) input", "(b) ground truth", "(c) base / novel"] + [
         f"({chr(ord('d') + i)}) {label}" for i, label in enumerate(predictions)
     ]
-    fig, axes = plt.subplots(len(chosen), len(headers), figsize=(1.6 * len(headers), 1.6 * len(chosen) + 1.3))
+    maps = [ground_truths[n] for n in chosen] + [per_method[label][n] for label in predictions for n in chosen]
+    shown = sorted({int(c) for m in maps for c in np.unique(m) if c != IGNORE_LABEL})
+    # The class key goes under the panels in as many columns as its longest name lets fit (fontsize 6: about
+    # 0.05 in a character), and as many rows as it then needs, so no name is cut off at any class count.
+    width = 1.6 * len(headers)
+    entry_width = 0.45 + 0.05 * max(len(_class_label(table.names, c, record["novel_ids"])) for c in shown)
+    columns = max(1, int(0.8 * width // entry_width))
+    key_height = 0.35 + 0.12 * max(3, -(-len(shown) // columns))
+    height = 1.6 * len(chosen) + 0.5 + key_height
+    fig, axes = plt.subplots(len(chosen), len(headers), figsize=(width, height))
     axes = np.atleast_2d(axes)
     for r, name in enumerate(chosen):
         image = read_image(_image_path(prepared, name))
@@ -119,37 +128,39 @@ def write_figure(
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(headers[c], fontsize=8)
-        axes[r, 0].set_ylabel(name[-8:], fontsize=6)
+        axes[r, 0].set_ylabel(name, fontsize=5)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.14, 1, 0.97))
+    fig.tight_layout(rect=(0, key_height / height, 1, 1 - 0.4 / height))
     last = chr(ord("d") + len(predictions) - 1)
-    _legends(fig, table.names, palette, record["novel_ids"], f"class colours of (b) and (d)-({last})",
-             [ground_truths[n] for n in chosen] + [per_method[label][n] for label in predictions for n in chosen])  # fmt: skip
+    _legends(fig, table.names, palette, record["novel_ids"], f"class colours of (b) and (d)-({last})", shown,
+             columns, top=key_height / height)  # fmt: skip
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=150)
     plt.close(fig)
     return chosen
 
 
+def _class_label(names: list[str], class_id: int, novel_ids: list[int]) -> str:
+    return f"{names[class_id]}{' (novel)' if class_id in novel_ids else ''}"
+
+
 def _legends(
-    fig, names: list[str], palette: np.ndarray, novel_ids: list[int], title: str, maps: list[np.ndarray]
+    fig, names: list[str], palette: np.ndarray, novel_ids: list[int], title: str, shown: list[int], columns: int,
+    top: float,
 ) -> None:
-    """Two keys under the panels: what (c)'s tints mean, and the name of every class colour that appears."""
+    """Two keys under the panels (below ``top``, a figure fraction): what (c)'s tints mean, and the name of
+    every class colour ``shown``, in ``columns`` columns."""
     from matplotlib.patches import Patch
 
     split_key = [
         Patch(color=np.array(SPLIT_COLOURS[key]) / 255, label=text)
         for key, text in [("base", "(c) base class"), ("novel", "(c) novel class"), ("ignore", "(c) unlabelled")]
     ]
-    fig.legend(handles=split_key, loc="lower left", bbox_to_anchor=(0.01, 0.0), fontsize=6, frameon=False)
-    shown = sorted({int(c) for m in maps for c in np.unique(m) if c != IGNORE_LABEL})
-    novel = set(novel_ids)
-    class_key = [
-        Patch(color=palette[c] / 255, label=f"{names[c]}{' (novel)' if c in novel else ''}") for c in shown
-    ]
+    fig.legend(handles=split_key, loc="upper left", bbox_to_anchor=(0.01, top), fontsize=6, frameon=False)
+    class_key = [Patch(color=palette[c] / 255, label=_class_label(names, c, novel_ids)) for c in shown]
     fig.legend(
-        handles=class_key, loc="lower left", bbox_to_anchor=(0.17, 0.0), ncol=max(1, min(6, -(-len(class_key) // 4))),
-        fontsize=6, frameon=False, title=title, title_fontsize=6,
+        handles=class_key, loc="upper left", bbox_to_anchor=(0.17, top), ncol=columns, fontsize=6, frameon=False,
+        title=title, title_fontsize=6,
     )  # fmt: skip
 
 
