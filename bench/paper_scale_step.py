@@ -36,6 +36,7 @@ from weakshot.engine.train import (
     build_model,
     build_optimizer,
     forward,
+    loss_parts,
     loss_weights,
     pick_device,
     step_losses,
@@ -88,8 +89,7 @@ def measure(run: RunConfig, data: dict[str, Path], device: torch.device, steps: 
             seed=run.train.seed, pin_memory=device.type == "cuda",
         )
     )  # fmt: skip
-    criterion = losses_module["set"]
-    similarity = losses_module["similarity"] if "similarity" in losses_module else None
+    criterion, similarity = loss_parts(losses_module)  # a segmenter's: the set criterion and its matcher
     matching = [0.0]
     match_layers = criterion.matcher.match_layers
 

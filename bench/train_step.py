@@ -28,6 +28,7 @@ from weakshot.engine.train import (
     build_model,
     build_optimizer,
     forward,
+    loss_parts,
     loss_weights,
     step_losses,
 )
@@ -69,8 +70,7 @@ def main() -> None:
     losses_module = build_loss_modules(run, num_classes)
     weights = loss_weights(run, losses_module)
     optimizer, parameters = build_optimizer(run, model, losses_module)
-    main_loss = losses_module["set" if "set" in losses_module else next(iter(losses_module))]
-    similarity = losses_module["similarity"] if "similarity" in losses_module else None
+    main_loss, similarity = loss_parts(losses_module)
     batches = iter(infinite_loader(build_dataset(run, inputs), run.train.batch_size, 0, run.train.seed))
     device = torch.device("cpu")
 

@@ -105,9 +105,16 @@ def build_loss_modules(run: RunConfig, num_classes: int, world: World = World())
     return modules
 
 
+def loss_parts(losses: nn.ModuleDict) -> tuple[nn.Module, nn.Module | None]:
+    """The main loss of ``build_loss_modules``' dict (the segmenter's set criterion, or the one loss of a
+    baseline network: CAM classifier, RETAB nets) and the pixel-similarity loss, None without one."""
+    main = losses["set" if "set" in losses else next(iter(losses))]
+    return main, losses["similarity"] if "similarity" in losses else None
+
+
 def loss_weights(run: RunConfig, losses: nn.ModuleDict) -> dict[str, float]:
     if "set" not in losses:  # a baseline network: its one loss
-        return dict(next(iter(losses.values())).weight_dict)
+        return dict(loss_parts(losses)[0].weight_dict)
     weights = dict(losses["set"].weight_dict)
     if "similarity" in losses:
         weights["loss_sim"] = run.similarity.sim_weight
@@ -313,8 +320,9 @@ def _train(
     # Wrapped after loading: DDP starts every rank from rank 0's weights (the same, seeded or resumed).
     world.local_batch(run.train.batch_size)  # a clear error when the batch does not split over the ranks
     segmenter = data_parallel(model, world, dev)
-    similarity = data_parallel(losses_module["similarity"], world, dev) if "similarity" in losses_module else None
-    main_loss = losses_module["set" if "set" in losses_module else next(iter(losses_module))]
+    main_loss, similarity = loss_parts(losses_module)
+    if similarity is not None:
+        similarity = data_parallel(similarity, world, dev)
 
     def save(iteration: int) -> None:
         if world.is_main:

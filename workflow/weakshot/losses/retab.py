@@ -25,22 +25,6 @@ from weakshot.data.classes import IGNORE_LABEL
 from weakshot.losses.criterion import local_count_share
 
 
-def neighbour_pairs(height: int, width: int, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index pairs (i, j), i != j, of grid pixels within Euclidean distance ``radius`` (both orders)."""
-    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    sources, targets = [], []
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            if (dy == 0 and dx == 0) or dy * dy + dx * dx > radius * radius:
-                continue
-            ty, tx = ys + dy, xs + dx
-            inside = (ty >= 0) & (ty < height) & (tx >= 0) & (tx < width)
-            sources.append((ys * width + xs)[inside])
-            targets.append((ty * width + tx)[inside])
-    return torch.cat(sources), torch.cat(targets)
-
-
 def half_offsets(radius: int) -> list[tuple[int, int]]:
     """Offsets (dy, dx) within Euclidean distance ``radius``, one of each +-(dy, dx) pair (dy > 0, or dy == 0
     and dx > 0): every unordered neighbour pair of a grid is (p, p + offset) for exactly one of them."""

@@ -26,11 +26,25 @@ import functools
 
 import torch
 
-from weakshot.losses.retab import neighbour_pairs
-
 Tensor = torch.Tensor
 
 __all__ = ["neighbour_pairs", "path_crosses", "random_walk", "transition_matrix", "affinities"]
+
+
+def neighbour_pairs(height: int, width: int, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs (i, j), i != j, of grid pixels within Euclidean distance ``radius`` (both orders)."""
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    sources, targets = [], []
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if (dy == 0 and dx == 0) or dy * dy + dx * dx > radius * radius:
+                continue
+            ty, tx = ys + dy, xs + dx
+            inside = (ty >= 0) & (ty < height) & (tx >= 0) & (tx < width)
+            sources.append((ys * width + xs)[inside])
+            targets.append((ty * width + tx)[inside])
+    return torch.cat(sources), torch.cat(targets)
 
 
 def path_crosses(boundary: Tensor, sources: Tensor, targets: Tensor) -> Tensor:
