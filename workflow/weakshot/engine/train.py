@@ -113,10 +113,9 @@ def loss_parts(losses: nn.ModuleDict) -> tuple[nn.Module, nn.Module | None]:
 
 
 def loss_weights(run: RunConfig, losses: nn.ModuleDict) -> dict[str, float]:
-    if "set" not in losses:  # a baseline network: its one loss
-        return dict(loss_parts(losses)[0].weight_dict)
-    weights = dict(losses["set"].weight_dict)
-    if "similarity" in losses:
+    main, similarity = loss_parts(losses)  # a baseline network has only its one loss
+    weights = dict(main.weight_dict)
+    if similarity is not None:
         weights["loss_sim"] = run.similarity.sim_weight
         weights["loss_distill"] = run.similarity.distill_weight
     return weights
