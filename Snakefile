@@ -21,6 +21,7 @@ wildcard_constraints:
     dataset=one_of(list(config["datasets"])),
     split=r"split\d+",
     method=r"[a-z][a-z0-9_]*",
+    seed=r"\d+",
 
 
 include: "rules/data.smk"

@@ -154,13 +154,58 @@ def split_independent(method):
     )
 
 
+def check_seed_settings():
+    """`seeds` sets the training seed of every model (one replicate per seed); a `train.seed` in a settings
+    layer would be overridden without a word, so it is an error."""
+    layers = {"training": config["training"]}
+    layers.update({f"methods.{m}": v for m, v in config["methods"].items()})
+    for name, spec in config["datasets"].items():
+        layers[f"datasets.{name}.training"] = spec.get("training", {})
+        for m, v in spec.get("methods", {}).items():
+            layers[f"datasets.{name}.methods.{m}"] = v
+    for where, layer in layers.items():
+        if "seed" in (layer or {}).get("train", {}):
+            raise ValueError(
+                f"config: {where}.train.seed is set; the training seeds are the top-level `seeds` "
+                "list (one replicate of every model per seed)"
+            )
+
+
+check_seed_settings()
+
+
+def normalised_seeds(seeds, where):
+    """`seeds` as distinct ints (the schema also admits the digit strings of `--config seeds=[0,1]`)."""
+    values = [int(seed) for seed in seeds]
+    if len(set(values)) != len(values):
+        raise ValueError(f"config: {where} repeats a seed: {seeds}")
+    return values
+
+
+config["seeds"] = normalised_seeds(config["seeds"], "seeds")
+for table_name, table in config["tables"].items():
+    if "seeds" in table:
+        table["seeds"] = normalised_seeds(table["seeds"], f"tables.{table_name}.seeds")
+
 DATASET_METHODS = [name for name in config["methods"] if split_independent(name)]
 SPLIT_METHODS = [name for name in config["methods"] if not split_independent(name)]
 
 
+def seeded_settings(wildcards):
+    """A model's settings with the training seed of its `seed` wildcard (one replicate of `seeds`)."""
+    settings = method_config(wildcards.method, wildcards.dataset)
+    settings["train"] = {**settings.get("train", {}), "seed": int(wildcards.seed)}
+    return settings
+
+
 def run_config(wildcards):
     """The resolved run config of a model, as JSON for the train CLI (a params change reruns training)."""
-    return json.dumps(method_config(wildcards.method, wildcards.dataset))
+    return json.dumps(seeded_settings(wildcards))
+
+
+def config_seeds(spec=None):
+    """The training seeds a table (its own `seeds`, else the top-level list) is averaged over."""
+    return list((spec or {}).get("seeds", config["seeds"]))
 
 
 def pretrained_weights(settings):
@@ -185,14 +230,16 @@ def train_inputs(wildcards):
     settings = method_config(wildcards.method, wildcards.dataset)
     inputs.update(pretrained_weights(settings))
     method = settings.get("method", {})
+    # A replicate starts from, and retrains on the pseudo-labels of, the replicate of the same seed.
+    results, replicate = (
+        f"results/{wildcards.dataset}",
+        f"{wildcards.split}/seed{wildcards.seed}",
+    )
     if method.get("init") == "base_model":
-        inputs["init"] = (
-            f"results/{wildcards.dataset}/models/base_model/{wildcards.split}/model.pt"
-        )
+        inputs["init"] = f"{results}/models/base_model/{replicate}/model.pt"
     if method.get("pseudo_labels"):
-        inputs["pseudo_labels"] = (
-            f"results/{wildcards.dataset}/pseudo_labels/{method['pseudo_labels']}/{wildcards.split}"
-        )
+        source = method["pseudo_labels"]
+        inputs["pseudo_labels"] = f"{results}/pseudo_labels/{source}/{replicate}"
     return inputs
 
 
@@ -208,25 +255,34 @@ def split_args(wildcards, input):
 
 def predictions_of(wildcards):
     """Per-dataset models (the oracle) are predicted once; every other model once per split."""
+    prefix = f"results/{wildcards.dataset}/predictions/{wildcards.method}"
     if wildcards.method in DATASET_METHODS:
-        return f"results/{wildcards.dataset}/predictions/{wildcards.method}.json"
-    return f"results/{wildcards.dataset}/predictions/{wildcards.method}/{wildcards.split}.json"
+        return f"{prefix}/seed{wildcards.seed}.json"
+    return f"{prefix}/{wildcards.split}/seed{wildcards.seed}.json"
 
 
 def table_spec(wildcards):
     spec = config["tables"][wildcards.table]
-    return json.dumps({"name": wildcards.table, "dataset": config["dataset"], **spec})
+    return json.dumps(
+        {
+            "name": wildcards.table,
+            "dataset": config["dataset"],
+            **spec,
+            "seeds": config_seeds(spec),
+        }
+    )
 
 
 def table_metrics(wildcards):
     spec = config["tables"][wildcards.table]
     return expand(
-        "results/{dataset}/metrics/{method}/{split}.json",
+        "results/{dataset}/metrics/{method}/{split}/seed{seed}.json",
         dataset=config["dataset"],
         method=sorted(
             set(spec["rows"].values()) | set(spec.get("reference", {}).values())
         ),
         split=spec["columns"],
+        seed=config_seeds(spec),
     )
 
 
@@ -239,8 +295,9 @@ def figure_dataset(wildcards):
 def figure_inputs(wildcards):
     spec = config["figures"][wildcards.figure]
     dataset = figure_dataset(wildcards)
+    seed = config_seeds()[0]  # a figure shows one replicate: the first seed
     inputs = {
-        label: f"results/{dataset}/predictions/{method}/{spec['split']}.json"
+        label: f"results/{dataset}/predictions/{method}/{spec['split']}/seed{seed}.json"
         for label, method in spec["methods"].items()
     }
     inputs["prepared"] = f"results/{dataset}/prepared"

@@ -4,14 +4,14 @@
 
 rule predict:
     input:
-        model="results/{dataset}/models/{method}/{split}/model.pt",
+        model="results/{dataset}/models/{method}/{split}/seed{seed}/model.pt",
         prepared="results/{dataset}/prepared",
     output:
-        "results/{dataset}/predictions/{method}/{split}.json",
+        "results/{dataset}/predictions/{method}/{split}/seed{seed}.json",
     log:
-        "logs/{dataset}/predict/{method}_{split}.log",
+        "logs/{dataset}/predict/{method}_{split}_seed{seed}.log",
     benchmark:
-        "benchmarks/{dataset}/predict/{method}_{split}.tsv"
+        "benchmarks/{dataset}/predict/{method}_{split}_seed{seed}.tsv"
     wildcard_constraints:
         method=one_of(SPLIT_METHODS),
     conda:
@@ -30,14 +30,14 @@ rule predict:
 # Per-dataset models (FullyOracle) are predicted once and scored on every split.
 use rule predict as predict_dataset_model with:
     input:
-        model="results/{dataset}/models/{method}/model.pt",
+        model="results/{dataset}/models/{method}/seed{seed}/model.pt",
         prepared="results/{dataset}/prepared",
     output:
-        "results/{dataset}/predictions/{method}.json",
+        "results/{dataset}/predictions/{method}/seed{seed}.json",
     log:
-        "logs/{dataset}/predict/{method}.log",
+        "logs/{dataset}/predict/{method}_seed{seed}.log",
     benchmark:
-        "benchmarks/{dataset}/predict/{method}.tsv"
+        "benchmarks/{dataset}/predict/{method}_seed{seed}.tsv"
     wildcard_constraints:
         method=one_of(DATASET_METHODS),
 
@@ -48,11 +48,11 @@ rule evaluate:
         prepared="results/{dataset}/prepared",
         split="results/{dataset}/splits/{split}.yaml",
     output:
-        "results/{dataset}/metrics/{method}/{split}.json",
+        "results/{dataset}/metrics/{method}/{split}/seed{seed}.json",
     log:
-        "logs/{dataset}/evaluate/{method}_{split}.log",
+        "logs/{dataset}/evaluate/{method}_{split}_seed{seed}.log",
     benchmark:
-        "benchmarks/{dataset}/evaluate/{method}_{split}.tsv"
+        "benchmarks/{dataset}/evaluate/{method}_{split}_seed{seed}.tsv"
     conda:
         "../envs/weakshot.yaml"
     resources:

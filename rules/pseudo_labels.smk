@@ -5,17 +5,17 @@
 
 rule pseudo_labels:
     input:
-        model="results/{dataset}/models/{method}/{split}/model.pt",
+        model="results/{dataset}/models/{method}/{split}/seed{seed}/model.pt",
         prepared="results/{dataset}/prepared",
         split="results/{dataset}/splits/{split}.yaml",
         image_labels="results/{dataset}/splits/{split}_image_labels.tsv",
     output:
-        labels=directory("results/{dataset}/pseudo_labels/{method}/{split}"),
-        report="results/{dataset}/pseudo_labels/{method}/{split}.json",
+        labels=directory("results/{dataset}/pseudo_labels/{method}/{split}/seed{seed}"),
+        report="results/{dataset}/pseudo_labels/{method}/{split}/seed{seed}.json",
     log:
-        "logs/{dataset}/pseudo_labels/{method}_{split}.log",
+        "logs/{dataset}/pseudo_labels/{method}_{split}_seed{seed}.log",
     benchmark:
-        "benchmarks/{dataset}/pseudo_labels/{method}_{split}.tsv"
+        "benchmarks/{dataset}/pseudo_labels/{method}_{split}_seed{seed}.tsv"
     wildcard_constraints:
         method=one_of(SPLIT_METHODS),
     conda:
@@ -36,17 +36,17 @@ rule pseudo_labels:
 # every class), restricted to the novel classes each image's labels name. workflow/weakshot/methods/cam.py.
 rule cam_pseudo_labels:
     input:
-        model="results/{dataset}/models/cam_classifier/model.pt",
+        model="results/{dataset}/models/cam_classifier/seed{seed}/model.pt",
         prepared="results/{dataset}/prepared",
         split="results/{dataset}/splits/{split}.yaml",
         image_labels="results/{dataset}/splits/{split}_image_labels.tsv",
     output:
-        labels=directory("results/{dataset}/pseudo_labels/cam/{split}"),
-        report="results/{dataset}/pseudo_labels/cam/{split}.json",
+        labels=directory("results/{dataset}/pseudo_labels/cam/{split}/seed{seed}"),
+        report="results/{dataset}/pseudo_labels/cam/{split}/seed{seed}.json",
     log:
-        "logs/{dataset}/pseudo_labels/cam_{split}.log",
+        "logs/{dataset}/pseudo_labels/cam_{split}_seed{seed}.log",
     benchmark:
-        "benchmarks/{dataset}/pseudo_labels/cam_{split}.tsv"
+        "benchmarks/{dataset}/pseudo_labels/cam_{split}_seed{seed}.tsv"
     conda:
         "../envs/weakshot.yaml"
     threads: 1
@@ -65,18 +65,18 @@ rule cam_pseudo_labels:
 # boundaries of the split's RETAB network (trained on base masks). workflow/weakshot/methods/retab.py.
 rule retab_pseudo_labels:
     input:
-        cam_model="results/{dataset}/models/cam_classifier/model.pt",
-        retab_model="results/{dataset}/models/retab_net/{split}/model.pt",
+        cam_model="results/{dataset}/models/cam_classifier/seed{seed}/model.pt",
+        retab_model="results/{dataset}/models/retab_net/{split}/seed{seed}/model.pt",
         prepared="results/{dataset}/prepared",
         split="results/{dataset}/splits/{split}.yaml",
         image_labels="results/{dataset}/splits/{split}_image_labels.tsv",
     output:
-        labels=directory("results/{dataset}/pseudo_labels/retab/{split}"),
-        report="results/{dataset}/pseudo_labels/retab/{split}.json",
+        labels=directory("results/{dataset}/pseudo_labels/retab/{split}/seed{seed}"),
+        report="results/{dataset}/pseudo_labels/retab/{split}/seed{seed}.json",
     log:
-        "logs/{dataset}/pseudo_labels/retab_{split}.log",
+        "logs/{dataset}/pseudo_labels/retab_{split}_seed{seed}.log",
     benchmark:
-        "benchmarks/{dataset}/pseudo_labels/retab_{split}.tsv"
+        "benchmarks/{dataset}/pseudo_labels/retab_{split}_seed{seed}.tsv"
     conda:
         "../envs/weakshot.yaml"
     threads: 1

@@ -1,7 +1,8 @@
 # Training stage: FullyOracle (once per dataset, every class), the base model of each split (base classes
 # only: base-model pretraining) and the weak-shot models of each split (SimFormer variants). One loop for
 # all: `python -m weakshot train`, workflow/weakshot/engine/train.py. A killed job resumes from
-# checkpoint.pt in its model folder when the rule runs again. A job given several GPUs (resource `gpu`, set
+# checkpoint.pt in its model folder when the rule runs again. Every model is trained once per seed of
+# `seeds` (replicates; the tables average them). A job given several GPUs (resource `gpu`, set
 # in a profile) trains data-parallel on them: `--gpus` launches one torchrun worker per GPU.
 
 
@@ -10,12 +11,12 @@ rule train:
         unpack(train_inputs),
         prepared="results/{dataset}/prepared",
     output:
-        model="results/{dataset}/models/{method}/{split}/model.pt",
-        config="results/{dataset}/models/{method}/{split}/config.yaml",
+        model="results/{dataset}/models/{method}/{split}/seed{seed}/model.pt",
+        config="results/{dataset}/models/{method}/{split}/seed{seed}/config.yaml",
     log:
-        "logs/{dataset}/train/{method}_{split}.log",
+        "logs/{dataset}/train/{method}_{split}_seed{seed}.log",
     benchmark:
-        "benchmarks/{dataset}/train/{method}_{split}.tsv"
+        "benchmarks/{dataset}/train/{method}_{split}_seed{seed}.tsv"
     wildcard_constraints:
         method=one_of(SPLIT_METHODS),
     conda:
@@ -46,12 +47,12 @@ use rule train as train_dataset_model with:
         unpack(dataset_model_inputs),
         prepared="results/{dataset}/prepared",
     output:
-        model="results/{dataset}/models/{method}/model.pt",
-        config="results/{dataset}/models/{method}/config.yaml",
+        model="results/{dataset}/models/{method}/seed{seed}/model.pt",
+        config="results/{dataset}/models/{method}/seed{seed}/config.yaml",
     log:
-        "logs/{dataset}/train/{method}.log",
+        "logs/{dataset}/train/{method}_seed{seed}.log",
     benchmark:
-        "benchmarks/{dataset}/train/{method}.tsv"
+        "benchmarks/{dataset}/train/{method}_seed{seed}.tsv"
     wildcard_constraints:
         method=one_of(DATASET_METHODS),
     params:

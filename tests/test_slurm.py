@@ -42,7 +42,7 @@ CLUSTER_DIR = Path("/run/weakshot-slurm")
 # Every kind of SLURM job (data, splits, training per split and per dataset, prediction, evaluation) with
 # two models, SimFormer's Cross-Pair and the oracle: eight layers of jobs, each costing a status-check
 # cycle (12 s at best). Table 1 would need five models: 55 s more here, on two busy cores.
-TARGETS = ["results/embedded/metrics/cross_pair/split1.json", "results/embedded/metrics/oracle/split1.json"]
+TARGETS = ["results/embedded/metrics/cross_pair/split1/seed0.json", "results/embedded/metrics/oracle/split1/seed0.json"]
 # What a user of the profile sets for their cluster. The test node has no GPU: gpu=0 and no GPU model.
 PARTITION, ACCOUNT = "debug", "root"
 CLUSTER_VALUES = {"slurm_partition": PARTITION, "slurm_account": ACCOUNT, "gpu": 0, "gpu_model": None}
@@ -285,7 +285,7 @@ def test_the_slurm_run_gives_the_outputs_of_a_local_run(runs: Runs):
     for name in compared:
         assert (slurm / name).read_bytes() == (local / name).read_bytes(), f"results/{name} differs"
     # The numbers are real ones.
-    metrics = json.loads((slurm / "embedded" / "metrics" / "cross_pair" / "split1.json").read_text())
+    metrics = json.loads((slurm / "embedded" / "metrics" / "cross_pair" / "split1" / "seed0.json").read_text())
     assert 0.0 <= metrics["novel_mIoU"] <= 100.0
 
 

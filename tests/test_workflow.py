@@ -79,6 +79,23 @@ def test_dry_run_of_the_default_target(workdir):
     assert counts["table"] == 2 and counts["table3"] == 1 and counts["report"] == 1
 
 
+def test_dry_run_with_replicate_seeds(workdir):
+    """Two seeds: every model of the tables twice (each retrain on the pseudo-labels of its own seed's model);
+    the figures show the first seed only."""
+    one = job_counts(snakemake("-n", "results/table3.csv", cwd=workdir).stdout)
+    two = snakemake("-n", "-p", "results/table3.csv", "--config", "seeds=[0, 1]", cwd=workdir).stdout
+    counts = job_counts(two)
+    for rule in ("train", "train_dataset_model", "predict", "pseudo_labels", "retab_pseudo_labels", "evaluate"):
+        assert counts[rule] == 2 * one[rule], rule
+    assert "results/embedded/pseudo_labels/cross_pair/split6/seed1 " in two
+    assert "--pseudo-labels results/embedded/pseudo_labels/cross_pair/split6/seed1 " in two
+    seeds = {json.loads(part.split("'")[0])["train"]["seed"] for part in two.split("--run-config '")[1:]}
+    assert seeds == {0, 1}
+    figures = job_counts(snakemake("-n", "results/figure1.png", "--config", "seeds=[3, 1]", cwd=workdir).stdout)
+    # Seed 3 only: SimFormer, the WSSS baseline's and RETAB's retrains, RETAB's net; the CAM classifier.
+    assert figures["train"] == 4 and figures["train_dataset_model"] == 1
+
+
 def test_dry_run_of_the_real_datasets(workdir):
     counts = job_counts(
         snakemake(
@@ -134,9 +151,10 @@ def test_dry_run_of_the_paper_configs(workdir):
     assert ade["train"] == 4 * 4 and ade["pseudo_labels"] == 4  # SimFormer, RETAB's net, RETAB*, SimFormer*
 
     # The resolved settings of one job: ADE20K's crop, schedule and loss weights on the paper-scale model.
-    result = snakemake("-n", "-p", "results/ade20k/models/cross_pair/split2/model.pt",
+    result = snakemake("-n", "-p", "results/ade20k/models/cross_pair/split2/seed6/model.pt",
                        "--configfile", "config/ade20k.yaml", cwd=workdir)  # fmt: skip
     spec = json.loads(result.stdout.split("--run-config '")[1].split("'")[0])
+    assert spec["train"]["seed"] == 6  # SimFormer's seed, the paper configs' `seeds`
     assert spec["augment"]["crop_size"] == 512 and spec["train"]["iterations"] == 160000
     assert spec["loss"]["complementary_weight"] == 0.2 and spec["similarity"]["distill_weight"] == 0.5
     assert spec["train"]["batch_size"] == 4 and spec["model"]["backbone"]["depth"] == 50
@@ -154,6 +172,17 @@ def test_config_errors_are_reported(workdir):
     result = snakemake("-n", "--configfile", str(bad), cwd=workdir, check=False)
     assert result.returncode != 0
     assert "sourse" in result.stdout + result.stderr
+
+    # The seed of a model comes from `seeds`; one set in a settings layer would be overridden silently.
+    bad.write_text("methods:\n  oracle:\n    train: {seed: 3}\n")
+    result = snakemake("-n", "--configfile", str(bad), cwd=workdir, check=False)
+    assert result.returncode != 0
+    assert "methods.oracle.train.seed" in result.stdout + result.stderr
+
+    bad.write_text("seeds: [1, 1]\n")
+    result = snakemake("-n", "--configfile", str(bad), cwd=workdir, check=False)
+    assert result.returncode != 0
+    assert "seeds" in result.stdout + result.stderr
 
 
 @pytest.mark.slow
@@ -206,7 +235,7 @@ def test_tables_1_to_3_on_the_tiny_config(workdir):
             assert all(0.0 <= v <= 100.0 for v in values)
         markdown = (workdir / "results" / f"{name}.md").read_text()
         assert "reference only" in markdown and "paper" in markdown
-    model_dir = workdir / "results" / "embedded" / "models" / "cross_pair" / "split1"
+    model_dir = workdir / "results" / "embedded" / "models" / "cross_pair" / "split1" / "seed0"
     assert {"model.pt", "config.yaml", "train_log.jsonl", "simnet.pt"} <= {p.name for p in model_dir.iterdir()}
     assert not (model_dir / "checkpoint.pt").exists()
     resolved = yaml.safe_load((model_dir / "config.yaml").read_text())
@@ -230,5 +259,6 @@ def test_tables_1_to_3_on_the_tiny_config(workdir):
     html = (workdir / "results" / "report.html").read_text()
     assert "<html" in html.lower() and "table3" in html and "figure2" in html
     for source in ("cam", "retab", "cross_pair"):
-        report = json.loads((workdir / "results" / "embedded" / "pseudo_labels" / source / "split4.json").read_text())
+        report_path = workdir / "results" / "embedded" / "pseudo_labels" / source / "split4" / "seed0.json"
+        report = json.loads(report_path.read_text())
         assert report["num_images"] == 48 and report["split"] == "split4"

@@ -168,12 +168,12 @@ def cmd_figure(args: argparse.Namespace) -> None:
 def cmd_table(args: argparse.Namespace) -> None:
     from weakshot.reporting.tables import plot_against_novel_ratio, write_table
 
-    table = write_table(args.spec, args.metrics_dir, args.paper, args.out_csv, args.out_md, splits_dir=args.splits_dir)
+    if args.out_plot and args.splits_dir is None:
+        raise ValueError("--out-plot needs --splits-dir (the novel ratio of each split)")
+    table, sd = write_table(args.spec, args.metrics_dir, args.paper, args.out_csv, args.out_md, splits_dir=args.splits_dir)
     if args.out_plot:
-        if args.splits_dir is None:
-            raise ValueError("--out-plot needs --splits-dir (the novel ratio of each split)")
         title = f"{args.spec['name']}: novel mIoU against novel ratio ({args.spec['dataset']})"
-        plot_against_novel_ratio(table, args.out_plot, title)
+        plot_against_novel_ratio(table, args.out_plot, title, sd)
 
 
 def _pseudo_label_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,10 +5,12 @@ A table spec (from the workflow config) names its rows and the method behind eac
 optional reference rows that frame the paper's rows (the oracle, the base model)::
 
     {"name": "table1", "dataset": "embedded", "rows": {"J=50": "cross_pair_j50", ...},
-     "reference": {"FullyOracle": "oracle"}, "columns": ["split1", ...]}
+     "reference": {"FullyOracle": "oracle"}, "columns": ["split1", ...], "seeds": [0, 1, 2]}
 
-Metrics files are ``results/{dataset}/metrics/{method}/{split}.json``. The reproduced value is the novel-class
-mIoU, the paper's metric; the Markdown also lists base mIoU and hIoU.
+Metrics files are ``results/{dataset}/metrics/{method}/{split}/seed{seed}.json``, one per replicate. The
+reproduced value is the novel-class mIoU, the paper's metric, averaged over the seeds; with several seeds the CSV
+and the Markdown also give the standard deviation across them (of each cell, and of each row's mean over the
+splits). The Markdown also lists base mIoU and hIoU.
 """
 
 from __future__ import annotations
@@ -25,8 +27,15 @@ from weakshot.io_utils import atomic_path, read_yaml, write_text
 PAPER_DATASET = "coco_stuff_10k"
 
 
-def metrics_path(metrics_dir: Path, method: str, split: str) -> Path:
-    return Path(metrics_dir) / method / f"{split}.json"
+def metrics_path(metrics_dir: Path, method: str, split: str, seed: int) -> Path:
+    return Path(metrics_dir) / method / split / f"seed{seed}.json"
+
+
+def table_seeds(spec: dict) -> list[int]:
+    seeds = list(spec.get("seeds", [0]))
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"table {spec.get('name')!r}: 'seeds' must be a non-empty list of distinct seeds, got {seeds}")
+    return seeds
 
 
 def all_rows(spec: dict) -> dict[str, str]:
@@ -34,33 +43,54 @@ def all_rows(spec: dict) -> dict[str, str]:
 
 
 def collect(spec: dict, metrics_dir: Path) -> pd.DataFrame:
-    """Long table: one row per (table row, split) with novel/base/all mIoU and hIoU."""
+    """Long table: one row per (table row, split, seed) with novel/base/all mIoU and hIoU."""
     records = []
     for row, method in all_rows(spec).items():
         for split in spec["columns"]:
-            path = metrics_path(metrics_dir, method, split)
-            try:
-                metrics = json.loads(path.read_text())
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{path}: metrics of {method!r} on {split} not found") from None
-            records.append(
-                {
-                    "row": row,
-                    "method": method,
-                    "split": split,
-                    "novel_mIoU": metrics["novel_mIoU"],
-                    "base_mIoU": metrics["base_mIoU"],
-                    "mIoU": metrics["mIoU"],
-                    "hIoU": metrics["hIoU"],
-                }
-            )
+            for seed in table_seeds(spec):
+                path = metrics_path(metrics_dir, method, split, seed)
+                try:
+                    metrics = json.loads(path.read_text())
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"{path}: metrics of {method!r} on {split}, seed {seed} not found") from None
+                records.append(
+                    {
+                        "row": row,
+                        "method": method,
+                        "split": split,
+                        "seed": seed,
+                        "novel_mIoU": metrics["novel_mIoU"],
+                        "base_mIoU": metrics["base_mIoU"],
+                        "mIoU": metrics["mIoU"],
+                        "hIoU": metrics["hIoU"],
+                    }
+                )
     return pd.DataFrame.from_records(records)
 
 
-def wide(long: pd.DataFrame, value: str, spec: dict) -> pd.DataFrame:
-    table = long.pivot(index="row", columns="split", values=value)
-    table = table.reindex(index=list(all_rows(spec)), columns=list(spec["columns"]))
+def _per_seed(long: pd.DataFrame, value: str, spec: dict) -> pd.DataFrame:
+    """(row, seed) by splits, plus each replicate's mean over the splits."""
+    table = long.pivot_table(index=["row", "seed"], columns="split", values=value, aggfunc="first")
+    table = table.reindex(columns=list(spec["columns"]))
     table["mean"] = table.mean(axis=1)
+    return table
+
+
+def wide(long: pd.DataFrame, value: str, spec: dict) -> pd.DataFrame:
+    """Rows by splits (and their mean): the mean over the seeds."""
+    table = _per_seed(long, value, spec).groupby(level="row").mean()
+    table = table.reindex(index=list(all_rows(spec)))
+    table.index.name = "row"
+    return table
+
+
+def spread(long: pd.DataFrame, value: str, spec: dict) -> pd.DataFrame | None:
+    """Rows by splits (and mean): the sample standard deviation across seeds; None with a single seed. The
+    ``mean`` column is the deviation of the replicates' split means, i.e. of a row's headline number."""
+    if len(table_seeds(spec)) < 2:
+        return None
+    table = _per_seed(long, value, spec).groupby(level="row").std(ddof=1)
+    table = table.reindex(index=list(all_rows(spec)))
     table.index.name = "row"
     return table
 
@@ -84,15 +114,40 @@ def paper_rows(paper: dict, spec: dict) -> pd.DataFrame | None:
 RATIO_ROWS = ("base ratio", "novel ratio")
 
 
-def _fmt(value: float | None, row: str = "") -> str:
+def _fmt(value: float | None, row: str = "", sd: float | None = None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return f"{value:.2f}" if row in RATIO_ROWS else f"{value:.1f}"
+    text = f"{value:.2f}" if row in RATIO_ROWS else f"{value:.1f}"
+    if sd is not None and not math.isnan(sd):
+        text += f" ± {sd:.1f}"
+    return text
 
 
-def markdown(spec: dict, novel: pd.DataFrame, long: pd.DataFrame, paper: pd.DataFrame | None, caption: str) -> str:
+def _sd(novel_sd: pd.DataFrame | None, row: str, column: str) -> float | None:
+    if novel_sd is None or row not in novel_sd.index:
+        return None
+    return float(novel_sd.loc[row, column])
+
+
+def markdown(
+    spec: dict,
+    novel: pd.DataFrame,
+    long: pd.DataFrame,
+    paper: pd.DataFrame | None,
+    caption: str,
+    novel_sd: pd.DataFrame | None = None,
+) -> str:
     reproduced_on_paper_data = spec["dataset"] == PAPER_DATASET
     lines = [f"## {spec['name'].capitalize()}: {caption}", ""]
+    seeds = table_seeds(spec)
+    if len(seeds) > 1:
+        lines += [
+            f"Ours: mean ± standard deviation over {len(seeds)} training seeds ({', '.join(map(str, seeds))}); "
+            "the deviation of `mean` is that of the replicates' means over the splits.",
+            "",
+        ]
+    else:
+        lines += [f"Ours: one training seed ({seeds[0]}); set `seeds` in the config for mean ± sd over several.", ""]
     if paper is not None:
         paper = paper.reindex(index=novel.index)
         label = "paper (COCO-Stuff-10K)"
@@ -105,13 +160,17 @@ def markdown(spec: dict, novel: pd.DataFrame, long: pd.DataFrame, paper: pd.Data
         header = "| novel mIoU (%) | " + " | ".join(f"{c} ours | {c} paper" for c in novel.columns) + " |"
         lines += [header, "|---|" + "---:|---:|" * len(novel.columns)]
         for row in novel.index:
-            cells = [f"{_fmt(novel.loc[row, c], row)} | {_fmt(paper.loc[row, c], row)}" for c in novel.columns]
+            cells = [
+                f"{_fmt(novel.loc[row, c], row, _sd(novel_sd, row, c))} | {_fmt(paper.loc[row, c], row)}"
+                for c in novel.columns
+            ]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines += ["", f"ours = this pipeline on `{spec['dataset']}`; {label} = the appendix."]
     else:
         lines += ["| novel mIoU (%) | " + " | ".join(novel.columns) + " |", "|---|" + "---:|" * len(novel.columns)]
         for row in novel.index:
-            lines.append(f"| {row} | " + " | ".join(_fmt(novel.loc[row, c], row) for c in novel.columns) + " |")
+            cells = [_fmt(novel.loc[row, c], row, _sd(novel_sd, row, c)) for c in novel.columns]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", "Base-class mIoU and harmonic mean hIoU of the reproduced models (%):", ""]
     base = wide(long, "base_mIoU", spec)
     hiou = wide(long, "hIoU", spec)
@@ -137,8 +196,9 @@ def split_ratios(splits_dir: Path, columns: list[str]) -> pd.DataFrame:
     return frame
 
 
-def plot_against_novel_ratio(table: pd.DataFrame, out_png: Path, title: str) -> None:
-    """Novel mIoU of every method row against the splits' novel ratio (Table 3's plot)."""
+def plot_against_novel_ratio(table: pd.DataFrame, out_png: Path, title: str, sd: pd.DataFrame | None = None) -> None:
+    """Novel mIoU of every method row against the splits' novel ratio (Table 3's plot); with ``sd`` (several
+    seeds) each point carries an error bar of one standard deviation across the seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,9 +210,11 @@ def plot_against_novel_ratio(table: pd.DataFrame, out_png: Path, title: str) -> 
     for row in table.index:
         if row in RATIO_ROWS:
             continue
-        ax.plot(ratio, table.loc[row, columns].astype(float), marker="o", label=row)
+        errors = sd.loc[row, columns].astype(float) if sd is not None and row in sd.index else None
+        ax.errorbar(ratio, table.loc[row, columns].astype(float), yerr=errors, marker="o", capsize=3, label=row)
     ax.set_xlabel("novel ratio (share of classes that are novel)")
-    ax.set_ylabel("novel-class mIoU (%)")
+    seeds = "" if sd is None else " (mean ± sd over seeds)"
+    ax.set_ylabel(f"novel-class mIoU (%){seeds}")
     ax.set_title(title, fontsize=9)
     ax.set_xticks(list(ratio), [f"{r:.2f}\n{c}" for r, c in zip(ratio, columns)], fontsize=7)
     ax.grid(alpha=0.3)
@@ -165,18 +227,29 @@ def plot_against_novel_ratio(table: pd.DataFrame, out_png: Path, title: str) -> 
 
 def write_table(
     spec: dict, metrics_dir: Path, paper_tables: Path, out_csv: Path, out_md: Path, splits_dir: Path | None = None
-) -> pd.DataFrame:
-    """Write the CSV (novel mIoU; with ``splits_dir`` also the splits' base and novel ratios, as Table 3) and the
-    Markdown rendering."""
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Write the CSV and the Markdown rendering; return the novel mIoU table and its deviations across seeds
+    (None with one seed).
+
+    The CSV has a row per table row (with ``splits_dir`` first the splits' base and novel ratios, as Table 3)
+    and a column per split plus ``mean``: the novel mIoU averaged over the seeds; with several seeds, a
+    ``<column> sd`` column after each of them.
+    """
     long = collect(spec, metrics_dir)
     novel = wide(long, "novel_mIoU", spec)
+    novel_sd = spread(long, "novel_mIoU", spec)
     if splits_dir is not None:
         novel = pd.concat([split_ratios(splits_dir, list(spec["columns"])), novel])
         novel.index.name = "row"
     paper_all = read_yaml(paper_tables)
     paper = paper_rows(paper_all, spec)
     caption = paper_all.get(spec["name"], {}).get("caption", spec["name"])
+    csv = novel
+    if novel_sd is not None:
+        csv = pd.concat({c: novel[c] for c in novel.columns} | {f"{c} sd": novel_sd[c] for c in novel_sd.columns}, axis=1)
+        csv = csv[[name for c in novel.columns for name in (c, f"{c} sd")]]
+        csv.index.name = "row"
     with atomic_path(out_csv) as tmp:
-        novel.round(2).to_csv(tmp)
-    write_text(out_md, markdown(spec, novel, long, paper, caption))
-    return novel
+        csv.round(2).to_csv(tmp)
+    write_text(out_md, markdown(spec, novel, long, paper, caption, novel_sd))
+    return novel, novel_sd
