@@ -13,6 +13,7 @@ import argparse
 import collections
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from workflow_copy import copy_workflow  # noqa: E402  (the tests' copy of the workflow: one list of its files)
+
+PER_METHOD_STAGES = {"train", "predict", "evaluate", "pseudo_labels"}
+
+
+def job_group(benchmark: Path) -> str:
+    """``train:cross_pair`` for benchmarks/<dataset>/train/cross_pair_split4_seed0.tsv: the stage and the
+    method, summed over splits and seeds; ``split`` for benchmarks/<dataset>/split_split4.tsv."""
+    stem = re.sub(r"(_split\d+)?(_seed\d+)?$", "", benchmark.stem)
+    return f"{benchmark.parent.name}:{stem}" if benchmark.parent.name in PER_METHOD_STAGES else stem
 
 
 def main() -> None:
@@ -33,12 +45,7 @@ def main() -> None:
 
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="weakshot-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    for name in ["Snakefile", "rules", "config", "envs", "profiles", "report", "workflow"]:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, workdir / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, workdir / name)
+    copy_workflow(workdir)
     command = [sys.executable, "-m", "snakemake", *args.targets, "--cores", str(args.cores)]
     if args.configfile:
         command += ["--configfile", args.configfile]
@@ -54,8 +61,7 @@ def main() -> None:
     for tsv in (workdir / "benchmarks").rglob("*.tsv"):
         with open(tsv) as f:
             seconds = float(next(csv.DictReader(f, delimiter="\t"))["s"])
-        rule = tsv.stem.split("_split")[0] if tsv.parent.name != "train" else "train:" + tsv.stem.rsplit("_", 1)[0]
-        per_rule[rule].append(seconds)
+        per_rule[job_group(tsv)].append(seconds)
     print(f"{' '.join(args.targets)}: {wall / 60:.1f} min wall on {args.cores} cores ({os.cpu_count()} CPUs)")
     print("job-seconds by rule (sum, count):")
     for rule, values in sorted(per_rule.items(), key=lambda item: -sum(item[1]))[:15]:

@@ -12,7 +12,8 @@ def copy_workflow(target: Path) -> Path:
     for name in WORKFLOW_FILES:
         source = ROOT / name
         if source.is_dir():
-            shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+            shutil.copytree(source, target / name, dirs_exist_ok=True, ignore=ignore)
         else:
             shutil.copy2(source, target / name)
     return target

@@ -8,8 +8,8 @@ pixels of a small neighbourhood:
 - **stage 1**: only pairs of two *non-boundary* pixels (and self-loops) are kept, so no mass crosses a
   predicted boundary. RETAB checks only the two ends, so with radius 5 a thin boundary can be jumped over;
   here a pair is also dropped when the straight line between its pixels passes a boundary pixel (IRNet's
-  path criterion, Ahn et al. 2019), which makes a one-pixel boundary a wall; the column-normalised matrix ``T`` is squared ``log_t`` times (``T^(2^log_t)``) and the
-  maps become ``maps @ T``;
+  path criterion, Ahn et al. 2019), which makes a one-pixel boundary a wall; the column-normalised
+  matrix ``T`` is squared ``log_t`` times (``T^(2^log_t)``) and the maps become ``maps @ T``;
 - **stage 2**: the stage-1 maps are propagated once more, with affinities among boundary pixels (both ways)
   and *from* non-boundary *to* boundary pixels only: boundary pixels, which stage 1 left alone, take their
   values from their surroundings while non-boundary pixels keep theirs (they only have their self-loop).
@@ -26,20 +26,21 @@ import functools
 
 import torch
 
+from weakshot.losses.retab import half_offsets
+
 Tensor = torch.Tensor
 
 __all__ = ["neighbour_pairs", "path_crosses", "random_walk", "transition_matrix", "affinities"]
 
 
 def neighbour_pairs(height: int, width: int, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index pairs (i, j), i != j, of grid pixels within Euclidean distance ``radius`` (both orders)."""
+    """Index pairs (i, j), i != j, of grid pixels within Euclidean distance ``radius`` (both orders): the
+    neighbourhood the affinity loss trains on (``half_offsets``), so the walk uses no pair it never saw."""
     ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
     sources, targets = [], []
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            if (dy == 0 and dx == 0) or dy * dy + dx * dx > radius * radius:
-                continue
+    for half_dy, half_dx in half_offsets(radius):
+        for dy, dx in ((half_dy, half_dx), (-half_dy, -half_dx)):
             ty, tx = ys + dy, xs + dx
             inside = (ty >= 0) & (ty < height) & (tx >= 0) & (tx < width)
             sources.append((ys * width + xs)[inside])
