@@ -64,7 +64,8 @@ def synthetic_dataset(workdir: Path, image_size: int, num_train: int) -> dict[st
     prepared = workdir / "prepared"
     if not (prepared / "classes.yaml").exists():
         spec = {"seed": 0, "image_size": image_size, "num_train": num_train, "num_test": 1}
-        generate_embedded(EmbeddedConfig.from_dict(spec), archive=workdir / "archive.zip", classes=workdir / "classes.yaml")
+        archive, classes = workdir / "archive.zip", workdir / "classes.yaml"
+        generate_embedded(EmbeddedConfig.from_dict(spec), archive=archive, classes=classes)
         safe_extract(workdir / "archive.zip", workdir / "raw")
         convert_cocostuff(workdir / "raw", prepared, ClassTable.load(workdir / "classes.yaml"))
         split_spec = {"source": "random", "num_random": 1, "novel_fraction": 0.25, "extra_novel_ratios": [], "seed": 0}

@@ -22,10 +22,10 @@ import yaml
 from PIL import Image
 
 from weakshot import cli
+from weakshot.data import prepared
 from weakshot.data.ade20k import convert_ade20k
 from weakshot.data.archives import download, safe_extract
 from weakshot.data.classes import ClassTable
-from weakshot.data import prepared
 from weakshot.data.cocostuff import convert_cocostuff
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY_MODEL, inputs, tiny_run
 
 from weakshot.data.dataset import InfiniteBatchSampler
 from weakshot.engine.distributed import World
 from weakshot.engine.launch import claim_gpus, torchrun_command
 from weakshot.engine.train import train
-
-from tiny import TINY_MODEL, inputs, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +92,8 @@ def test_cross_pair_training_runs_on_two_ranks(dataset, tmp_path):
     """SimNet's weights are averaged like the segmenter's; each rank holds whole (input, reference) pairs."""
     run = tiny_run(train={"iterations": 2, "batch_size": 2, "checkpoint_every": 1})
     run_cli(run, dataset, tmp_path / "cross", nproc=2)
-    assert {"model.pt", "simnet.pt", "config.yaml", "train_log.jsonl"} <= {p.name for p in (tmp_path / "cross").iterdir()}
+    written = {p.name for p in (tmp_path / "cross").iterdir()}
+    assert {"model.pt", "simnet.pt", "config.yaml", "train_log.jsonl"} <= written
     log = [json.loads(line) for line in (tmp_path / "cross" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all("loss_sim" in record for record in log)
 
@@ -104,7 +104,9 @@ def test_rank_shares_partition_each_global_batch():
         InfiniteBatchSampler(20, size, seed=0, world_size=world, rank=0)
     world = 4
     whole = iter(InfiniteBatchSampler(20, size, seed=0, start_iteration=5))
-    shares = [iter(InfiniteBatchSampler(20, size, seed=0, start_iteration=5, rank=r, world_size=world)) for r in range(world)]
+    shares = [
+        iter(InfiniteBatchSampler(20, size, seed=0, start_iteration=5, rank=r, world_size=world)) for r in range(world)
+    ]
     for _ in range(6):  # crosses epoch boundaries (20 items, 8 per batch)
         batch = next(whole)
         parts = [next(share) for share in shares]

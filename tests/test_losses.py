@@ -114,7 +114,7 @@ def test_matcher_mask_less_targets_use_class_cost_only() -> None:
     logits = torch.tensor([[[5.0, 0, 0, 0, 0], [0.0, 0, 0, 0, 0]]])
     masks = torch.tensor([[[[10.0, 10.0]], [[-10.0, -10.0]]]])  # query 0 "fills" the image, query 1 is empty
     target = make_target([0], torch.zeros(1, 1, 2), [False])
-    (query, tgt), = matcher({"pred_logits": logits, "pred_masks": masks}, [target])
+    ((query, tgt),) = matcher({"pred_logits": logits, "pred_masks": masks}, [target])
     assert query.tolist() == [0] and tgt.tolist() == [0]
     costs = matcher.cost_matrices(logits, masks, [target])
     assert torch.allclose(costs[0, :, 0], -logits[0].softmax(-1)[:, 0])

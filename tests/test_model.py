@@ -8,9 +8,9 @@ not by importing torchvision, and the parameter count is torchvision's published
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch

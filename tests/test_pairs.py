@@ -105,7 +105,10 @@ def test_caps_give_random_subsets_of_the_right_size() -> None:
 def test_rejection_subsets_are_uniform() -> None:
     # Candidates of image 0: the even images 2..58 (29 of them); cap 6 -> each is picked with p = 6/29.
     n = 60
-    test = lambda rows, cols: (cols % 2 == 0) & (rows >= 0)
+
+    def test(rows, cols):
+        return (cols % 2 == 0) & (rows >= 0)
+
     counts = np.zeros(n)
     rng = np.random.default_rng(0)
     trials = 3000
@@ -153,7 +156,7 @@ def test_reference_shares_exactly_the_chosen_novel_class() -> None:
     sampler = ReferenceSampler(build_pair_index(table, rng_seed=0))
     rng = random.Random(0)
     checked = 0
-    for name, (base, novel) in table.items():
+    for name, (_base, novel) in table.items():
         if len(novel) < 2:
             continue
         for _ in range(5):

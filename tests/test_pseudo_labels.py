@@ -1,18 +1,15 @@
 """Pseudo-labels: ground-truth base pixels are kept exactly, only novel classes named by the image-level labels
 appear, the quality report matches a hand count, and a retrain reads the PNGs."""
 
-from pathlib import Path
-
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
+from tiny import inputs, tiny_run
 
 from weakshot.data.splits import load_split, read_split_image_labels
 from weakshot.engine.train import TrainInputs, train
 from weakshot.methods.pseudo_labels import PseudoLabelQuality, pseudo_label, write_pseudo_labels
-
-from tiny import inputs, tiny_run
 
 BASE, NOVEL = [0, 1, 2], [3, 4]
 

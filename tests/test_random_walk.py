@@ -36,7 +36,8 @@ def test_walk_keeps_constant_maps_and_the_input_range():
     torch.testing.assert_close(random_walk(constant, features, boundary, radius=2, log_t=3), constant)
     maps = torch.rand(2, 6, 6)
     out = random_walk(maps, features, boundary, radius=2, log_t=3)
-    assert (out >= maps.amin((1, 2), keepdim=True) - 1e-6).all() and (out <= maps.amax((1, 2), keepdim=True) + 1e-6).all()
+    assert (out >= maps.amin((1, 2), keepdim=True) - 1e-6).all()
+    assert (out <= maps.amax((1, 2), keepdim=True) + 1e-6).all()
     assert out.std() < maps.std()  # it diffuses
 
 

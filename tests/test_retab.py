@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny_run
 
 from weakshot.data.splits import load_split, read_split_image_labels
 from weakshot.engine.train import TrainInputs, train
 from weakshot.losses.retab import RetabLoss, boundary_targets
 from weakshot.methods.retab import retab_label_map, write_retab_pseudo_labels
-
-from tiny import tiny_run
 
 
 def test_boundary_targets_mark_class_borders_and_skip_unknown_regions():
@@ -89,8 +88,10 @@ def test_retab_networks_train_and_label_the_split(dataset, tmp_path):
     with pytest.raises(ValueError, match="not a RETAB network"):
         write_retab_pseudo_labels(cam.parent, cam.parent, dataset["prepared"], dataset["split"],
                                   dataset["image_labels"], tmp_path / "x", tmp_path / "x.json")  # fmt: skip
-    result = write_retab_pseudo_labels(cam.parent, retab.parent, dataset["prepared"], dataset["split"],
-                                       dataset["image_labels"], tmp_path / "pl", tmp_path / "pl.json", log_t=3)  # fmt: skip
+    result = write_retab_pseudo_labels(
+        cam.parent, retab.parent, dataset["prepared"], dataset["split"], dataset["image_labels"],
+        tmp_path / "pl", tmp_path / "pl.json", log_t=3,
+    )  # fmt: skip
     assert result["num_images"] == 12
     record, labels = load_split(dataset["split"]), read_split_image_labels(dataset["image_labels"])
     for png in (tmp_path / "pl").glob("*.png"):

@@ -23,13 +23,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
-
 from workflow_copy import copy_workflow
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -172,7 +171,7 @@ class Run:
     seconds: float = 0.0
 
     @classmethod
-    def start(cls, workdir: Path, args: list[str], env: dict[str, str], output_name: str = "snakemake.out") -> "Run":
+    def start(cls, workdir: Path, args: list[str], env: dict[str, str], output_name: str = "snakemake.out") -> Run:
         output_file = workdir / output_name
         with output_file.open("w") as out:
             process = subprocess.Popen([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env,
@@ -198,7 +197,7 @@ class Run:
         self.returncode, self.seconds = -1, time.monotonic() - self.started
 
     @staticmethod
-    def wait_all(runs: list["Run"], timeout: float) -> None:
+    def wait_all(runs: list[Run], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not all([run.poll() for run in runs]) and time.monotonic() < deadline:  # poll() each one
             time.sleep(0.5)

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tiny import inputs, tiny_run
 
 from weakshot.data.classes import ClassTable
 from weakshot.engine.predict import predict_folder
 from weakshot.engine.train import TrainInputs, train
 from weakshot.evaluation.evaluate import evaluate_result_file
 
-from tiny import inputs, tiny_run
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)

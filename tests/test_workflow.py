@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-
 from workflow_copy import copy_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +53,13 @@ def test_snakefmt_is_clean():
     result = subprocess.run(
         [sys.executable, "-m", "snakefmt", "--check", "Snakefile", "rules"], cwd=ROOT, capture_output=True, text=True
     )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["ruff-check", "ruff-format"])
+def test_python_code_is_ruff_clean(command):
+    # The settings are pyproject.toml's [tool.ruff]: line length 120, pyflakes, pycodestyle, isort, bugbear.
+    result = subprocess.run([sys.executable, "-m", "ruff", *command, "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

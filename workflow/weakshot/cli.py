@@ -72,9 +72,7 @@ def cmd_split_image_labels(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from weakshot.evaluation.evaluate import evaluate_result_file
 
-    evaluate_result_file(
-        args.predictions, labels_dir=args.labels, classes=args.classes, split=args.split, out=args.out
-    )
+    evaluate_result_file(args.predictions, labels_dir=args.labels, classes=args.classes, split=args.split, out=args.out)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -170,7 +168,9 @@ def cmd_table(args: argparse.Namespace) -> None:
 
     if args.out_plot and args.splits_dir is None:
         raise ValueError("--out-plot needs --splits-dir (the novel ratio of each split)")
-    table, sd = write_table(args.spec, args.metrics_dir, args.paper, args.out_csv, args.out_md, splits_dir=args.splits_dir)
+    table, sd = write_table(
+        args.spec, args.metrics_dir, args.paper, args.out_csv, args.out_md, splits_dir=args.splits_dir
+    )
     if args.out_plot:
         title = f"{args.spec['name']}: novel mIoU against novel ratio ({args.spec['dataset']})"
         plot_against_novel_ratio(table, args.out_plot, title, sd)

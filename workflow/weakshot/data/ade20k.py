@@ -10,8 +10,9 @@ for the shipped 150-class table (dataset_id = id + 1) this is exactly MaskFormer
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image

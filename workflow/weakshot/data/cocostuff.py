@@ -16,8 +16,9 @@ The version is detected per file, so a mixed folder also converts.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import h5py
 import numpy as np

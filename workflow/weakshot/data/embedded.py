@@ -31,9 +31,10 @@ import math
 import multiprocessing
 import os
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import scipy.io

@@ -18,8 +18,15 @@ from weakshot.io_utils import atomic_path
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def save_checkpoint(path: Path, *, iteration: int, model: torch.nn.Module, criterion: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: Path,
+    *,
+    iteration: int,
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any] | None = None,
+) -> None:
     state = {
         "iteration": iteration,
         "model": model.state_dict(),
@@ -35,8 +42,9 @@ def save_checkpoint(path: Path, *, iteration: int, model: torch.nn.Module, crite
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path, *, model: torch.nn.Module, criterion: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:
+def load_checkpoint(
+    path: Path, *, model: torch.nn.Module, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, dict[str, Any]]:
     """Restore a checkpoint in place; returns (iteration, extra)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -46,7 +46,11 @@ def load_model(model_dir: Path, device: torch.device, expected: type | None = No
 
 @torch.no_grad()
 def evaluation_outputs(
-    model: Model, run: RunConfig, dataset: TestDataset, device: torch.device, keys: tuple[str, ...],
+    model: Model,
+    run: RunConfig,
+    dataset: TestDataset,
+    device: torch.device,
+    keys: tuple[str, ...],
     num_workers: int = 0,
 ) -> Iterator[tuple[dict, tuple[int, int], dict[str, torch.Tensor]]]:
     """The network's ``keys`` outputs (float32) on each evaluation batch of ``dataset`` (resized, padded; see
@@ -103,9 +107,7 @@ def predict_folder(
     dev = pick_device(device)
     model, run = load_model(model_dir, dev, expected=MaskFormer)
     dataset = TestDataset(images, None, run.augment.test_size)
-    id_map = (
-        ClassTable.load(classes).id_to_dataset_id() if classes else {c: c for c in range(model.num_classes)}
-    )
+    id_map = ClassTable.load(classes).id_to_dataset_id() if classes else {c: c for c in range(model.num_classes)}
     t0 = time.perf_counter()
     count = 0
     palette = class_palette(model.num_classes)

@@ -25,9 +25,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,9 +87,11 @@ def build_model(run: RunConfig, num_classes: int, init_weights: Path | None) -> 
     return model
 
 
-def build_loss_modules(run: RunConfig, num_classes: int, world: World = World()) -> nn.ModuleDict:
+def build_loss_modules(run: RunConfig, num_classes: int, world: World | None = None) -> nn.ModuleDict:
     """The criterion and, with pixel-pixel transfer, the similarity loss (which owns SimNet's weights); the CAM
-    classifier has its image-level loss only. Their normalising counts are those of the global batch."""
+    classifier has its image-level loss only. Their normalising counts are those of the global batch (of
+    this process's when ``world`` is None)."""
+    world = world or World()
     if run.method.supervision == "image":
         # A mean over images x classes: every rank has as many, so the mean of ranks is the global mean.
         return nn.ModuleDict({"image": ImageLabelLoss(num_classes, run.loss.image_pos_weight)})
@@ -131,7 +134,8 @@ def build_dataset(run: RunConfig, inputs: TrainInputs) -> WeakShotDataset | Pair
         raise ValueError(f"method.supervision {run.method.supervision!r} needs a split (--split)")
     if run.method.pseudo_labels and inputs.pseudo_labels is None:
         raise ValueError(
-            f"method.pseudo_labels is {run.method.pseudo_labels!r}: give that method's pseudo-label folder (--pseudo-labels)"
+            f"method.pseudo_labels is {run.method.pseudo_labels!r}: "
+            "give that method's pseudo-label folder (--pseudo-labels)"
         )
     if run.method.supervision in ("image", "retab") and run.similarity.pairing != "none":
         raise ValueError(

@@ -27,7 +27,8 @@ Conventions of :meth:`SemSegMetric.compute` (those of detectron2's ``SemSegEvalu
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

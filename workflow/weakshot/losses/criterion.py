@@ -18,9 +18,9 @@ Per decoder layer (final, then every auxiliary layer when deep supervision is on
   (``complementary_floor``, sigmoid 0.05; no gradient) should cover exactly the complement of the base
   ground truth, T = 1 - union(base masks), 0 on padding. Per image
   ``focal_weight * focal(M, T) + dice_weight * dice(M, T)`` with num_masks 1, then the mean over the global
-  batch's images with novel targets. The focal/dice weights are inside the loss, as in SimFormer's code; the weight-dict entry
-  of ``loss_comp`` is ``complementary_weight`` alone (lambda_comp). The floor means pixels where every novel
-  mask is below 0.05 receive no gradient.
+  batch's images with novel targets. The focal/dice weights are inside the loss, as in SimFormer's code; the
+  weight-dict entry of ``loss_comp`` is ``complementary_weight`` alone (lambda_comp). The floor means pixels
+  where every novel mask is below 0.05 receive no gradient.
 
 All losses are returned unweighted; ``SetCriterion.weight_dict`` holds the weights and :func:`total_loss`
 combines them. Aux layer ``i`` adds the suffix ``_i`` (``loss_ce_0``, ...), with the same weights.
@@ -31,7 +31,7 @@ indices come back to the device in one copy; the loss computation itself has no 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -20,7 +20,7 @@ padded to the largest per-image count; the padded columns are sliced off on the 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -103,9 +103,7 @@ class HungarianMatcher(nn.Module):
         return self.match_layers([outputs], targets)[0]
 
     @torch.no_grad()
-    def match_layers(
-        self, layers: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]
-    ) -> list[Indices]:
+    def match_layers(self, layers: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]) -> list[Indices]:
         """Match several decoder layers (final + auxiliary) of the same batch with one device->host copy.
 
         The layers' costs are computed one after the other (peak memory of one layer: ~0.5 GB for 8 images
@@ -134,9 +132,7 @@ class HungarianMatcher(nn.Module):
         return result
 
     @torch.no_grad()
-    def cost_matrices(
-        self, pred_logits: Tensor, pred_masks: Tensor, targets: Sequence[dict[str, Tensor]]
-    ) -> Tensor:
+    def cost_matrices(self, pred_logits: Tensor, pred_masks: Tensor, targets: Sequence[dict[str, Tensor]]) -> Tensor:
         """Costs ``B x Q x Tmax`` (on the predictions' device) for ``pred_logits`` B x Q x (K+1) and
         ``pred_masks`` B x Q x h x w. Column ``t`` of image ``b`` is meaningful for ``t < T_b`` only."""
         padded = self._pad_targets(targets, pred_masks.shape[-2:], pred_logits.device)

@@ -53,7 +53,8 @@ streamed through the pair grids chunk by chunk (same function, several times fas
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -1,11 +1,12 @@
 """MaskFormer's transformer predictor: queries -> class logits and mask logits.
 
-res5 (or, with ``transformer_in_feature: pixel_embedding``, the pixel decoder's mask_features) is projected to ``hidden_dim`` by a 1x1 conv and flattened into the decoder's memory. ``num_queries``
-learned embeddings attend to it through the DETR decoder. From each query's output, a linear head gives
-K+1 class logits (the last is "no object") and a 3-layer MLP gives a mask embedding, whose dot product with
-every pixel embedding of ``mask_features`` is the query's mask logit map. With deep supervision the same
-heads are applied to every decoder layer's output (shared weights, as MaskFormer/DETR), giving
-``aux_outputs`` for the intermediate layers.
+res5 (or, with ``transformer_in_feature: pixel_embedding``, the pixel decoder's mask_features) is projected
+to ``hidden_dim`` by a 1x1 conv and flattened into the decoder's memory. ``num_queries`` learned embeddings
+attend to it through the DETR decoder. From each query's output, a linear head gives K+1 class logits (the
+last is "no object") and a 3-layer MLP gives a mask embedding, whose dot product with every pixel embedding
+of ``mask_features`` is the query's mask logit map. With deep supervision the same heads are applied to every
+decoder layer's output (shared weights, as MaskFormer/DETR), giving ``aux_outputs`` for the intermediate
+layers.
 """
 
 from __future__ import annotations

@@ -46,9 +46,7 @@ class DecoderLayer(nn.Module):
         bool, True where a query may *not* attend (masked attention)."""
         q = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt, need_weights=False)[0]))
-        attended = self.cross_attn(
-            tgt + query_pos, memory + pos, memory, attn_mask=memory_mask, need_weights=False
-        )[0]
+        attended = self.cross_attn(tgt + query_pos, memory + pos, memory, attn_mask=memory_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout3(ffn))
@@ -80,8 +78,9 @@ class TransformerDecoder(nn.Module):
 
         ``mask_of`` (masked attention, Mask2Former): maps normalised query states B x Q x C to the B x Q x S
         mask logits they predict over the memory; each layer's cross-attention is then limited to the memory
-        positions the previous layer's output predicts as foreground (logit > 0); the first layer attends everywhere (its zero-initialised queries all predict the same mask). A query whose
-        mask is empty attends everywhere.
+        positions the previous layer's output predicts as foreground (logit > 0); the first layer attends
+        everywhere (its zero-initialised queries all predict the same mask). A query whose mask is empty attends
+        everywhere.
         """
         tgt = torch.zeros_like(query_pos)
         outputs = []

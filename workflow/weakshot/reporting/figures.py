@@ -145,7 +145,13 @@ def _class_label(names: list[str], class_id: int, novel_ids: list[int]) -> str:
 
 
 def _legends(
-    fig, names: list[str], palette: np.ndarray, novel_ids: list[int], title: str, shown: list[int], columns: int,
+    fig,
+    names: list[str],
+    palette: np.ndarray,
+    novel_ids: list[int],
+    title: str,
+    shown: list[int],
+    columns: int,
     top: float,
 ) -> None:
     """Two keys under the panels (below ``top``, a figure fraction): what (c)'s tints mean, and the name of

@@ -52,7 +52,8 @@ def collect(spec: dict, metrics_dir: Path) -> pd.DataFrame:
                 try:
                     metrics = json.loads(path.read_text())
                 except FileNotFoundError:
-                    raise FileNotFoundError(f"{path}: metrics of {method!r} on {split}, seed {seed} not found") from None
+                    message = f"{path}: metrics of {method!r} on {split}, seed {seed} not found"
+                    raise FileNotFoundError(message) from None
                 records.append(
                     {
                         "row": row,
@@ -246,7 +247,8 @@ def write_table(
     caption = paper_all.get(spec["name"], {}).get("caption", spec["name"])
     csv = novel
     if novel_sd is not None:
-        csv = pd.concat({c: novel[c] for c in novel.columns} | {f"{c} sd": novel_sd[c] for c in novel_sd.columns}, axis=1)
+        columns = {c: novel[c] for c in novel.columns} | {f"{c} sd": novel_sd[c] for c in novel_sd.columns}
+        csv = pd.concat(columns, axis=1)
         csv = csv[[name for c in novel.columns for name in (c, f"{c} sd")]]
         csv.index.name = "row"
     with atomic_path(out_csv) as tmp:
