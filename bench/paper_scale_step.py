@@ -66,8 +66,8 @@ def synthetic_dataset(workdir: Path, image_size: int, num_train: int) -> dict[st
         spec = {"seed": 0, "image_size": image_size, "num_train": num_train, "num_test": 1}
         archive, classes = workdir / "archive.zip", workdir / "classes.yaml"
         generate_embedded(EmbeddedConfig.from_dict(spec), archive=archive, classes=classes)
-        safe_extract(workdir / "archive.zip", workdir / "raw")
-        convert_cocostuff(workdir / "raw", prepared, ClassTable.load(workdir / "classes.yaml"))
+        safe_extract(archive, workdir / "raw")
+        convert_cocostuff(workdir / "raw", prepared, ClassTable.load(classes))
         split_spec = {"source": "random", "num_random": 1, "novel_fraction": 0.25, "extra_novel_ratios": [], "seed": 0}
         write_split(prepared / "classes.yaml", SplitSpec.from_dict(split_spec), "split1", workdir / "split1.yaml")
         write_image_labels(prepared, workdir / "image_labels.tsv")

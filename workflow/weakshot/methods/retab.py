@@ -100,8 +100,8 @@ def write_retab_pseudo_labels(
     retab_data = TestDataset(prepared, "train", test_size=retab_run.augment.test_size)
 
     def labelled() -> Iterator[tuple[str, np.ndarray]]:
-        cams = class_activation_maps(cam_model, cam_run, cam_data, dev)
-        pairs = zip(cams, retab_features(retab_model, retab_run, retab_data, dev))
+        per_image_cams = class_activation_maps(cam_model, cam_run, cam_data, dev)
+        pairs = zip(per_image_cams, retab_features(retab_model, retab_run, retab_data, dev))
         for (name, cams), (same_name, features, boundary) in pairs:
             assert name == same_name, (name, same_name)  # both datasets list the folder in name order
             gt = torch.from_numpy(read_label(Path(prepared) / "labels" / "train" / f"{name}.png").astype(np.int64))
