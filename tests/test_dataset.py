@@ -348,3 +348,18 @@ def test_base_mode_drops_novel_classes_entirely(prepared: Path) -> None:
         assert bool(b["targets"]["has_mask"].all())
         kept = w["targets"]["has_mask"]
         assert torch.equal(b["targets"]["labels"], w["targets"]["labels"][kept])
+
+
+def test_decoded_pairs_are_cached_read_only_within_the_budget(prepared: Path) -> None:
+    one_pair = 48 * 64 * 4  # train_0: RGB + label bytes
+    source = SegmentationDataset(prepared, "train", cache_bytes=one_pair)
+    image, label = source.load(0)
+    assert not image.flags.writeable and not label.flags.writeable
+    # The file is not read again: a cached pair survives its files being replaced.
+    Image.fromarray(np.zeros((48, 64), dtype=np.uint8)).save(prepared / "labels" / "train" / "train_0.png")
+    again_image, again_label = source.load(0)
+    assert again_image is image and again_label is label
+    # The budget is full: the next pair is decoded on every load.
+    assert source.load(1)[0] is not source.load(1)[0]
+    uncached = SegmentationDataset(prepared, "train", cache_bytes=0)
+    assert not uncached.load(0)[1].any()  # read from the replaced file

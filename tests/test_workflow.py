@@ -139,6 +139,13 @@ def paper_dry_run(workdir: Path, configfile: str, *targets: str) -> dict[str, in
     return job_counts(result.stdout)
 
 
+def resolved_run_config(workdir, model: str, *configfiles: str) -> dict:
+    """The `--run-config` a dry run would hand to `python -m weakshot train` for `model`."""
+    extra = ["--configfile", *configfiles] if configfiles else []
+    result = snakemake("-n", "-p", model, *extra, cwd=workdir)
+    return json.loads(result.stdout.split("--run-config '")[1].split("'")[0])
+
+
 def test_dry_run_of_the_paper_configs(workdir):
     """The complete paper DAG of each dataset config: every split's models, the ImageNet weights, both
     datasets (Figure 1 is COCO-Stuff-10K's, Figure 2 ADE20K's), and no torch import while it is built."""
@@ -157,14 +164,24 @@ def test_dry_run_of_the_paper_configs(workdir):
     assert ade["train"] == 4 * 4 and ade["pseudo_labels"] == 4  # SimFormer, RETAB's net, RETAB*, SimFormer*
 
     # The resolved settings of one job: ADE20K's crop, schedule and loss weights on the paper-scale model.
-    result = snakemake("-n", "-p", "results/ade20k/models/cross_pair/split2/seed6/model.pt",
-                       "--configfile", "config/ade20k.yaml", cwd=workdir)  # fmt: skip
-    spec = json.loads(result.stdout.split("--run-config '")[1].split("'")[0])
+    spec = resolved_run_config(workdir, "results/ade20k/models/cross_pair/split2/seed6/model.pt", "config/ade20k.yaml")
     assert spec["train"]["seed"] == 6  # SimFormer's seed, the paper configs' `seeds`
     assert spec["augment"]["crop_size"] == 512 and spec["train"]["iterations"] == 160000
     assert spec["loss"]["complementary_weight"] == 0.2 and spec["similarity"]["distill_weight"] == 0.5
     assert spec["train"]["batch_size"] == 4 and spec["model"]["backbone"]["depth"] == 50
     assert spec["model"]["backbone"]["blocks"] is None and spec["model"]["num_queries"] == 100
+
+
+def test_embedded_models_share_one_schedule_and_dataset_method_overrides_apply_to_one_method(workdir):
+    models = "results/embedded/models/{}/seed0/model.pt"
+    split_models = "results/embedded/models/{}/split4/seed0/model.pt"
+    targets = [models.format("oracle"), split_models.format("cross_pair"), split_models.format("retab_retrain")]
+    assert {resolved_run_config(workdir, t)["train"]["iterations"] for t in targets} == {3000}
+
+    override = workdir / "config" / "oracle_override.yaml"
+    override.write_text("datasets:\n  embedded:\n    methods:\n      oracle:\n        train: {iterations: 7}\n")
+    assert resolved_run_config(workdir, targets[0], str(override))["train"]["iterations"] == 7
+    assert resolved_run_config(workdir, targets[1], str(override))["train"]["iterations"] == 3000
 
 
 def test_config_errors_are_reported(workdir):
