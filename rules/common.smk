@@ -124,8 +124,8 @@ def deep_merge(base, override):
 
 def method_config(method, dataset=None):
     """A model's settings: `training`, then the dataset's `training` (its crop size, schedule and loss
-    weights), then the method's overrides, then the dataset's overrides of that method (e.g. a longer
-    schedule for one method on one dataset). Without a dataset: the settings every dataset shares."""
+    weights), then the method's overrides, then the dataset's overrides of that method (e.g. one
+    method's schedule on one dataset). Without a dataset: what all datasets share."""
     if method not in config["methods"]:
         raise ValueError(
             f"config: no method {method!r} under 'methods' ({', '.join(config['methods'])})"
