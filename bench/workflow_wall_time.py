@@ -35,6 +35,17 @@ def job_group(benchmark: Path) -> str:
     return f"{benchmark.parent.name}:{stem}" if benchmark.parent.name in PER_METHOD_STAGES else stem
 
 
+def job_times(benchmarks: Path) -> dict[str, list[tuple[float, float]]]:
+    """(wall seconds, CPU seconds) of every job, by ``job_group``. Wall seconds grow when jobs share cores;
+    CPU seconds are what the job itself used, so their sum is the floor of a run on fully busy cores."""
+    per_rule: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    for tsv in benchmarks.rglob("*.tsv"):
+        with open(tsv) as f:
+            row = next(csv.DictReader(f, delimiter="\t"))
+        per_rule[job_group(tsv)].append((float(row["s"]), float(row["cpu_time"])))
+    return per_rule
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="+")
@@ -57,15 +68,15 @@ def main() -> None:
         print(result.stderr[-4000:], file=sys.stderr)
         raise SystemExit(f"snakemake failed after {wall:.0f} s (folder kept: {workdir})")
 
-    per_rule: dict[str, list[float]] = collections.defaultdict(list)
-    for tsv in (workdir / "benchmarks").rglob("*.tsv"):
-        with open(tsv) as f:
-            seconds = float(next(csv.DictReader(f, delimiter="\t"))["s"])
-        per_rule[job_group(tsv)].append(seconds)
-    print(f"{' '.join(args.targets)}: {wall / 60:.1f} min wall on {args.cores} cores ({os.cpu_count()} CPUs)")
-    print("job-seconds by rule (sum, count):")
-    for rule, values in sorted(per_rule.items(), key=lambda item: -sum(item[1]))[:15]:
-        print(f"  {rule:32s} {sum(values):8.0f} s  x{len(values)}")
+    per_rule = job_times(workdir / "benchmarks")
+    cpus = os.cpu_count() or 1
+    cpu_total = sum(cpu for values in per_rule.values() for _, cpu in values)
+    print(f"{' '.join(args.targets)}: {wall / 60:.1f} min wall on {args.cores} cores ({cpus} CPUs)")
+    print(f"CPU time of all jobs: {cpu_total:.0f} s = {cpu_total / cpus / 60:.1f} min of {cpus} fully busy CPUs")
+    print("by rule (job wall-seconds, CPU-seconds, count):")
+    for rule, values in sorted(per_rule.items(), key=lambda item: -sum(cpu for _, cpu in item[1]))[:15]:
+        wall_sum, cpu_sum = sum(w for w, _ in values), sum(c for _, c in values)
+        print(f"  {rule:32s} {wall_sum:8.0f} s {cpu_sum:8.0f} s  x{len(values)}")
     if args.keep is None:
         shutil.rmtree(workdir)
 
