@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MAX_LISTED = 5  # how many offending names an error or warning spells out
 # Decoded (image, label) pairs kept in memory, per process (each DataLoader worker and DDP rank has its own).
-# Decoding a PNG/JPEG is most of the data time of a small-image step (the embedded default: 1.1 of 1.5 ms an
+# Decoding a PNG/JPEG is most of the data time of a small-image step (the embedded default: 1.4 of 1.8 ms an
 # image; its whole train split is 8 MB decoded). At paper scale the budget holds a few dozen images and the rest
 # are decoded on every load, so it is kept small: 8 ranks x 4 workers (the paper configs) stay within 2 GiB.
 DEFAULT_CACHE_BYTES = 64 * 2**20
