@@ -24,9 +24,10 @@ import torch
 
 from weakshot.data.dataset import SegmentationDataset, TestDataset
 from weakshot.data.splits import load_split
+from weakshot.engine.checkpoint import load_weights
 from weakshot.engine.predict import evaluation_outputs, load_model
 from weakshot.losses.matcher import nearest_downsample
-from weakshot.losses.pixel_similarity import SimNet
+from weakshot.losses.pixel_similarity import PixelSimilarityLoss, SimNet
 
 
 def pixel_embeddings(model_dir: Path, prepared: Path) -> tuple[list[torch.Tensor], list[torch.Tensor], SimNet]:
@@ -35,10 +36,10 @@ def pixel_embeddings(model_dir: Path, prepared: Path) -> tuple[list[torch.Tensor
         raise SystemExit(f"{model_dir}: no simnet.pt (a Basic Model or fully supervised model has no SimNet)")
     device = torch.device("cpu")
     model, run = load_model(model_dir, device)
-    simnet = SimNet(run.model.mask_dim, run.similarity.simnet_width, run.similarity.simnet_blocks)
-    state = torch.load(model_dir / "simnet.pt", map_location="cpu", weights_only=True)
-    simnet.load_state_dict({k.removeprefix("simnet."): v for k, v in state.items() if k.startswith("simnet.")})
-    simnet.eval()
+    # simnet.pt is the state of the similarity loss that owns SimNet, as training builds and saves it.
+    similarity = PixelSimilarityLoss(run.similarity, run.model.mask_dim)
+    load_weights(model_dir / "simnet.pt", similarity)
+    simnet = similarity.simnet.eval()
     images = TestDataset(prepared, "test", test_size=run.augment.test_size)
     labelled = SegmentationDataset(prepared, "test", cache_bytes=0)
     features, classes = [], []
