@@ -17,7 +17,7 @@ from tiny import inputs, tiny_run
 
 from weakshot.data.classes import ClassTable
 from weakshot.engine.predict import predict_folder
-from weakshot.engine.train import TrainInputs, train
+from weakshot.engine.train import TrainInputs, lr_factor, train
 from weakshot.evaluation.evaluate import evaluate_result_file
 
 
@@ -107,3 +107,18 @@ def test_oracle_prediction_is_scored_by_the_evaluator(dataset, tmp_path):
 def test_weak_supervision_needs_a_split(dataset, tmp_path):
     with pytest.raises(ValueError, match="needs a split"):
         train(tiny_run(), TrainInputs(dataset["prepared"], tmp_path / "x"))
+
+
+def test_learning_rate_warms_up_linearly_then_follows_the_poly_decay():
+    iterations, power, warmup = 100, 0.9, 10
+    factors = [lr_factor(i, iterations, power, warmup) for i in range(iterations)]
+    # warm-up: (i + 1) / warmup of the poly value, reaching it at iteration warmup - 1
+    assert factors[0] == pytest.approx(0.1 * (1 - 0 / iterations) ** power)
+    assert factors[4] == pytest.approx(0.5 * (1 - 4 / iterations) ** power)
+    assert all(a < b for a, b in zip(factors[: warmup - 1], factors[1:warmup]))
+    # after it, exactly the poly schedule, decreasing to near zero
+    for i in range(warmup - 1, iterations):
+        assert factors[i] == pytest.approx((1 - i / iterations) ** power)
+    assert all(a > b for a, b in zip(factors[warmup:-1], factors[warmup + 1 :]))
+    # no warm-up: the poly schedule from the first iteration
+    assert lr_factor(0, iterations, power, 0) == 1.0

@@ -12,6 +12,8 @@ import yaml
 from PIL import Image
 from workflow_copy import copy_workflow
 
+from weakshot.config import RunConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -182,6 +184,30 @@ def test_embedded_models_share_one_schedule_and_dataset_method_overrides_apply_t
     override.write_text("datasets:\n  embedded:\n    methods:\n      oracle:\n        train: {iterations: 7}\n")
     assert resolved_run_config(workdir, targets[0], str(override))["train"]["iterations"] == 7
     assert resolved_run_config(workdir, targets[1], str(override))["train"]["iterations"] == 3000
+
+
+EXPERIMENTS = sorted(path.name for path in (ROOT / "config" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_configs_resolve_to_valid_run_configs(workdir, experiment):
+    """Every experiment laid over the default changes the settings a model trains with, and only into fields
+    the train CLI accepts (a misspelt field would otherwise fail hours into a run, in its first job)."""
+    model = "results/embedded/models/cross_pair/split4/seed0/model.pt"
+    default = resolved_run_config(workdir, model)
+    spec = resolved_run_config(workdir, model, f"config/experiments/{experiment}")
+    assert spec != default
+    run = RunConfig.from_dict(spec)
+    assert run.train.iterations == spec["train"]["iterations"]
+
+
+def test_the_warmup_experiment_warms_up_every_embedded_model(workdir):
+    experiment = "config/experiments/warmup_2000_steps.yaml"
+    for model in ("oracle/seed0", "basic/split4/seed0", "retab_retrain/split9/seed0"):
+        spec = resolved_run_config(workdir, f"results/embedded/models/{model}/model.pt", experiment)
+        assert RunConfig.from_dict(spec).train.warmup_iters == 200 and spec["train"]["iterations"] == 2000
+    default = resolved_run_config(workdir, "results/embedded/models/oracle/seed0/model.pt")
+    assert RunConfig.from_dict(default).train.warmup_iters == 0  # the default schedule has none
 
 
 def test_config_errors_are_reported(workdir):

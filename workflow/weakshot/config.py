@@ -103,6 +103,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     backbone_multiplier: float = 0.1
     poly_power: float = 0.9
+    # Linear warm-up of the learning rate over the first iterations (0 = none, as MaskFormer and SimFormer).
+    warmup_iters: int = 0
     clip_grad_norm: float = 0.01
     amp: str = "bf16"  # "bf16", "fp16" or "off"; only used on CUDA
     channels_last: bool = True  # CUDA only

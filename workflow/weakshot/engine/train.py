@@ -193,8 +193,10 @@ def autocast(run: RunConfig, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast("cuda", dtype=dtype)
 
 
-def poly_factor(iteration: int, iterations: int, power: float) -> float:
-    return (1.0 - iteration / iterations) ** power
+def lr_factor(iteration: int, iterations: int, power: float, warmup: int = 0) -> float:
+    """Poly decay over the whole run, times a linear warm-up over the first ``warmup`` iterations."""
+    decay = (1.0 - iteration / iterations) ** power
+    return decay * min(1.0, (iteration + 1) / warmup) if warmup > 0 else decay
 
 
 def set_determinism(run: RunConfig, device: torch.device) -> None:
@@ -339,7 +341,7 @@ def _train(
     progress = Progress(run.train.iterations, start, run.train.log_every)
     end = run.train.iterations if stop_at is None else min(stop_at, run.train.iterations)
     for iteration in range(start, end):
-        factor = poly_factor(iteration, run.train.iterations, run.train.poly_power)
+        factor = lr_factor(iteration, run.train.iterations, run.train.poly_power, run.train.warmup_iters)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         batch = to_device(next(batches), dev)
