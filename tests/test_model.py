@@ -433,3 +433,60 @@ def test_masked_attention_decoder_uses_previous_layer_masks():
     torch.testing.assert_close(seen[0], out[0])
     torch.testing.assert_close(out, decoder(memory, pos, query_pos))  # empty masks = unmasked
     assert torch.isfinite(out).all()
+
+
+def test_learned_query_features_mask_the_first_layer_with_their_own_prediction():
+    """Mask2Former's start: the decoder begins at the learned features, returns their normalised state as an
+    extra first output, and the first layer already attends only inside the mask that state predicts."""
+    from weakshot.model.transformer import TransformerDecoder
+
+    torch.manual_seed(0)
+    decoder = TransformerDecoder(16, 2, 1, 32, 0.0).eval()
+    memory, pos, query_pos = torch.randn(1, 6, 16), torch.randn(1, 6, 16), torch.randn(1, 3, 16)
+    initial = torch.randn(1, 3, 16)
+    seen = []
+
+    def query0_sees_half(states):  # query 0 predicts positions 0-2, the others everything
+        seen.append(states)
+        logits = torch.ones(*states.shape[:2], 6)
+        logits[:, 0, 3:] = -1.0
+        return logits
+
+    out = decoder(memory, pos, query_pos, query0_sees_half, initial)
+    assert out.shape == (2, 1, 3, 16)  # the initial state, then the one layer
+    torch.testing.assert_close(out[0], decoder.norm(initial))
+    torch.testing.assert_close(seen[0], out[0])  # the first layer is masked by the initial prediction
+    changed = memory.clone()
+    changed[:, 3:] += 5.0
+    moved = decoder(changed, pos, query_pos, query0_sees_half, initial)
+    torch.testing.assert_close(moved[1, :, 0], out[1, :, 0])  # query 0 never reads positions 3-5
+    assert not torch.allclose(moved[1, :, 1], out[1, :, 1])
+    assert not torch.allclose(decoder(memory, pos, query_pos), decoder(memory, pos, query_pos, None, initial)[1:])
+
+
+def test_learned_query_features_add_one_supervised_output():
+    """The prediction from the learned features is one more aux output, and the criterion's weight dict
+    counts it: a model and its criterion built from the same config agree, and training reaches the features."""
+    from weakshot.config import LossConfig
+    from weakshot.losses import build_criterion
+
+    torch.manual_seed(0)
+    cfg = replace(EMBEDDED, query_features=True, masked_attention=True)
+    model = MaskFormer(cfg, num_classes=5)
+    out = model(torch.rand(2, 3, 32, 32) * 255)
+    assert len(out["aux_outputs"]) == cfg.dec_layers  # dec_layers - 1 intermediate layers + the initial state
+    criterion = build_criterion(5, cfg, LossConfig())
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[0, :16] = True
+    masks[1] = True
+    targets = [
+        {"labels": torch.tensor([1]), "masks": masks[:1], "has_mask": torch.tensor([True])},
+        {"labels": torch.tensor([3]), "masks": masks[1:], "has_mask": torch.tensor([True])},
+    ]
+    losses = criterion(out, {"targets": targets})
+    assert {f"loss_ce_{cfg.dec_layers - 1}", "loss_dice_0"} <= set(criterion.weight_dict)
+    total = sum(losses[name] * weight for name, weight in criterion.weight_dict.items())
+    total.backward()
+    assert model.predictor.query_feat.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="aux outputs"):
+        build_criterion(5, replace(cfg, query_features=False), LossConfig())(out, {"targets": targets})

@@ -172,18 +172,20 @@ def test_dry_run_of_the_paper_configs(workdir):
     assert spec["loss"]["complementary_weight"] == 0.2 and spec["similarity"]["distill_weight"] == 0.5
     assert spec["train"]["batch_size"] == 4 and spec["model"]["backbone"]["depth"] == 50
     assert spec["model"]["backbone"]["blocks"] is None and spec["model"]["num_queries"] == 100
+    assert not spec["model"]["query_features"] and not spec["model"]["masked_attention"]  # MaskFormer's decoder
 
 
 def test_embedded_models_share_one_schedule_and_dataset_method_overrides_apply_to_one_method(workdir):
     models = "results/embedded/models/{}/seed0/model.pt"
     split_models = "results/embedded/models/{}/split4/seed0/model.pt"
     targets = [models.format("oracle"), split_models.format("cross_pair"), split_models.format("retab_retrain")]
-    assert {resolved_run_config(workdir, t)["train"]["iterations"] for t in targets} == {3000}
+    iterations = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["training"]["train"]["iterations"]
+    assert {resolved_run_config(workdir, t)["train"]["iterations"] for t in targets} == {iterations}
 
     override = workdir / "config" / "oracle_override.yaml"
     override.write_text("datasets:\n  embedded:\n    methods:\n      oracle:\n        train: {iterations: 7}\n")
     assert resolved_run_config(workdir, targets[0], str(override))["train"]["iterations"] == 7
-    assert resolved_run_config(workdir, targets[1], str(override))["train"]["iterations"] == 3000
+    assert resolved_run_config(workdir, targets[1], str(override))["train"]["iterations"] == iterations
 
 
 EXPERIMENTS = sorted(path.name for path in (ROOT / "config" / "experiments").glob("*.yaml"))
@@ -202,10 +204,12 @@ def test_experiment_configs_resolve_to_valid_run_configs(workdir, experiment):
 
 
 def test_the_warmup_experiment_warms_up_every_embedded_model(workdir):
+    """It tests the previous default's zero-initialised queries, so it must switch the learned ones off."""
     experiment = "config/experiments/warmup_2000_steps.yaml"
     for model in ("oracle/seed0", "basic/split4/seed0", "retab_retrain/split9/seed0"):
         spec = resolved_run_config(workdir, f"results/embedded/models/{model}/model.pt", experiment)
-        assert RunConfig.from_dict(spec).train.warmup_iters == 200 and spec["train"]["iterations"] == 2000
+        run = RunConfig.from_dict(spec)
+        assert run.train.warmup_iters == 200 and run.train.iterations == 2000 and not run.model.query_features
     default = resolved_run_config(workdir, "results/embedded/models/oracle/seed0/model.pt")
     assert RunConfig.from_dict(default).train.warmup_iters == 0  # the default schedule has none
 

@@ -45,6 +45,10 @@ class ModelConfig:
     # Mask2Former's masked attention (Cheng et al. 2022): each decoder layer attends only inside the masks the
     # previous layer predicts. Off in MaskFormer and the paper; see README for why the embedded scale uses it.
     masked_attention: bool = False
+    # Mask2Former's learnable query features: the decoder starts from a learned embedding instead of zeros, and
+    # the heads predict from it before the first layer (one more supervised output, and with masked attention
+    # the first layer's mask). Off in MaskFormer and the paper.
+    query_features: bool = False
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0-255
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 

@@ -304,12 +304,13 @@ def build_criterion(
     loss_cfg: LossConfig,
     count_share: CountShare = local_count_share,
 ) -> SetCriterion:
-    """The criterion of a run: matcher costs from ``loss_cfg``, one aux layer per decoder layer but the last."""
+    """The criterion of a run: matcher costs from ``loss_cfg``, one aux layer per decoder layer but the last
+    (and one for the learned query features' prediction before the first layer)."""
     return SetCriterion(
         num_classes,
         HungarianMatcher.from_config(loss_cfg),
         loss_cfg,
         model_cfg.deep_supervision,
-        num_aux_layers=model_cfg.dec_layers - 1,
+        num_aux_layers=model_cfg.dec_layers - 1 + int(model_cfg.query_features),
         count_share=count_share,
     )

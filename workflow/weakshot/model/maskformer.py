@@ -50,6 +50,7 @@ class MaskFormer(nn.Module):
             mask_dim=cfg.mask_dim,
             deep_supervision=cfg.deep_supervision,
             masked_attention=cfg.masked_attention,
+            query_features=cfg.query_features,
         )
         self.normalise = PixelNormalisation(cfg.pixel_mean, cfg.pixel_std)
 

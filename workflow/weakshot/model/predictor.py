@@ -50,6 +50,7 @@ class TransformerPredictor(nn.Module):
         mask_dim: int,
         deep_supervision: bool,
         masked_attention: bool = False,
+        query_features: bool = False,
     ) -> None:
         super().__init__()
         self.masked_attention = masked_attention
@@ -60,6 +61,7 @@ class TransformerPredictor(nn.Module):
         self.input_proj = nn.Conv2d(in_channels, hidden_dim, 1)
         c2_xavier_fill(self.input_proj)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.query_feat = nn.Embedding(num_queries, hidden_dim) if query_features else None
         self.decoder = TransformerDecoder(hidden_dim, num_heads, dec_layers, dim_feedforward, dropout)
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
@@ -82,7 +84,8 @@ class TransformerPredictor(nn.Module):
             def mask_of(states: torch.Tensor) -> torch.Tensor:
                 return torch.einsum("bqc,bcs->bqs", self.mask_embed(states), grid)
 
-        hs = self.decoder(memory, pos.to(memory.dtype), query_pos, mask_of)  # L x B x Q x C
+        initial = None if self.query_feat is None else self.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
+        hs = self.decoder(memory, pos.to(memory.dtype), query_pos, mask_of, initial)  # L x B x Q x C
         if not self.deep_supervision:
             hs = hs[-1:]  # heads on the last layer only: skip the unused mask einsums
         logits = self.class_embed(hs)

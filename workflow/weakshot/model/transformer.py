@@ -72,21 +72,25 @@ class TransformerDecoder(nn.Module):
         pos: torch.Tensor,
         query_pos: torch.Tensor,
         mask_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        initial: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``memory``, ``pos``: B x S x C; ``query_pos``: B x Q x C. Returns L x B x Q x C (normalised
-        output of every layer, last layer last).
+        output of every layer, last layer last; L + 1 outputs with ``initial``).
 
         ``mask_of`` (masked attention, Mask2Former): maps normalised query states B x Q x C to the B x Q x S
         mask logits they predict over the memory; each layer's cross-attention is then limited to the memory
         positions the previous layer's output predicts as foreground (logit > 0); the first layer attends
         everywhere (its zero-initialised queries all predict the same mask). A query whose mask is empty attends
         everywhere.
+
+        ``initial`` (Mask2Former's learned query features, B x Q x C) replaces the zero start; its normalised
+        state is then returned as an extra first output, and with ``mask_of`` it masks the first layer too.
         """
-        tgt = torch.zeros_like(query_pos)
-        outputs = []
-        for index, layer in enumerate(self.layers):
+        tgt = torch.zeros_like(query_pos) if initial is None else initial
+        outputs = [] if initial is None else [self.norm(initial)]
+        for layer in self.layers:
             memory_mask = None
-            if mask_of is not None and index > 0:
+            if mask_of is not None and outputs:
                 with torch.no_grad():
                     blocked = mask_of(outputs[-1]) <= 0  # B x Q x S
                     blocked[blocked.all(-1)] = False
