@@ -6,7 +6,8 @@ attend to it through the DETR decoder. From each query's output, a linear head g
 last is "no object") and a 3-layer MLP gives a mask embedding, whose dot product with every pixel embedding
 of ``mask_features`` is the query's mask logit map. With deep supervision the same heads are applied to every
 decoder layer's output (shared weights, as MaskFormer/DETR), giving ``aux_outputs`` for the intermediate
-layers.
+layers. With ``query_features`` (Mask2Former) the decoder starts from a second learned embedding per query, and
+the heads' prediction from it comes first in ``aux_outputs``.
 """
 
 from __future__ import annotations

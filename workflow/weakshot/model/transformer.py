@@ -4,7 +4,8 @@ Each layer: self-attention among the queries, cross-attention from the queries t
 memory, then a ReLU feed-forward block; every sub-block is residual and followed by its LayerNorm
 (PRE_NORM False). The learned query embedding is added to queries and keys of both attentions (never to
 values), the sine position encoding to the memory keys. The decoder starts from zeros, so the queries carry
-all query identity through ``query_pos``.
+all query identity through ``query_pos``; with Mask2Former's learned query features it starts from a learned
+embedding instead, and their prediction is one more output.
 
 The output of *every* layer goes through one shared final LayerNorm and is returned, so the predictor can
 attach heads to each for deep supervision.
