@@ -270,6 +270,51 @@ def test_self_pairing_without_pairs_key() -> None:
         PixelSimilarityLoss(SimilarityConfig(pairing="cross"), embed_dim=6)(mf, logits, masks, batch)
 
 
+def test_self_pairs_compute_one_direction_with_the_losses_of_both(monkeypatch) -> None:
+    """A batch of self pairs (Self-Pair) evaluates SimNet on one direction only: its second direction is the
+    same ordered pairs, so losses, gradients, balance counts and SimNet's batch statistics are those of
+    computing both and masking the second (the cross-pair path). Cross pairs under 'self' are refused."""
+    batch, (mf, logits, masks) = _random_scene(seed=1)
+    batch["pairs"] = torch.tensor([(b, b) for b in range(mf.shape[0])])
+    cfg = SimilarityConfig(pairing="self", base_points=9, novel_points=7, simnet_width=8)
+    torch.manual_seed(0)
+    one = PixelSimilarityLoss(cfg, embed_dim=6)
+    both = PixelSimilarityLoss(cfg, embed_dim=6)
+    both.load_state_dict(one.state_dict())
+    rows = []
+    original = one.simnet.pair_logits
+
+    def counting(first, second, stats="auto"):
+        rows.append(first.shape[:-2].numel() * first.shape[-2] * second.shape[-2])
+        return original(first, second, stats)
+
+    monkeypatch.setattr(one.simnet, "pair_logits", counting)
+    results = []
+    for module in (one, both):
+        if module is both:
+            monkeypatch.setattr(pixel_similarity, "_all_self_pairs", lambda pairs, pairing: False)
+        inputs = [t.detach().clone().requires_grad_() for t in (mf, logits, masks)]
+        out = module(*inputs, batch, generator=_generator(3))
+        (out["loss_sim"] + out["loss_distill"]).backward()
+        results.append((out, inputs))
+    assert rows[0] == mf.shape[0] * 9 * 9  # SimLoss on P x 1 x J x J pairs, not P x 2
+    (out_one, in_one), (out_both, in_both) = results
+    assert out_one["loss_distill"].item() != 0.0
+    for key in ("loss_sim", "loss_distill"):
+        assert out_one[key].item() == pytest.approx(out_both[key].item(), rel=1e-5), key
+    for x_one, x_both in zip(in_one[1:], in_both[1:]):
+        assert torch.allclose(x_one.grad, x_both.grad, rtol=1e-4, atol=1e-6 * x_both.grad.abs().max())
+    _assert_close_grads(both, one, rtol=1e-4, atol=1e-5)
+    assert torch.equal(one.balance.history, both.balance.history)
+    for (name, x), y in zip(both.named_buffers(), one.buffers()):
+        # The running variance's Bessel factor n / (n - 1) counts each pair once here, twice there (0.15 %).
+        assert torch.allclose(y, x, rtol=2e-3 if name.endswith("running_var") else 1e-5, atol=1e-6), name
+    monkeypatch.undo()
+    batch["pairs"] = torch.tensor([(0, 1), (2, 2)])
+    with pytest.raises(ValueError, match="cross-image pairs"):
+        one(mf, logits, masks, batch)
+
+
 # --- constructed teacher / student ----------------------------------------------------------------------
 
 

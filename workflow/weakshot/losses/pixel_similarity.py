@@ -46,9 +46,10 @@ Decisions on SimFormer's quirks (see also the class docstrings):
   In eval mode both use running statistics.
 
 Cost: a training step evaluates SimNet on 2 * P * J * J pairs twice (SimLoss with gradient, the teacher
-without), 320k pairs each at 16 pairs and J = 100. :meth:`SimNet.pair_logits` does that without building
-the pair vectors, with block 0's first layer split over the two point sets and the rest of the network
-streamed through the pair grids chunk by chunk (same function, several times faster on CPU; see there).
+without), 320k pairs each at 16 pairs and J = 100; on P * J * J when every pair is a self pair.
+:meth:`SimNet.pair_logits` does that without building the pair vectors, with block 0's first layer split over
+the two point sets and the rest of the network streamed through the pair grids chunk by chunk (same function,
+several times faster on CPU; see there).
 """
 
 from __future__ import annotations
@@ -799,6 +800,7 @@ class PixelSimilarityLoss(nn.Module):
             if self.cfg.pairing != "self":
                 raise KeyError("batch has no 'pairs' (needed for cross-image pixel similarity)")
             pairs = torch.arange(b).unsqueeze(1).expand(b, 2)
+        all_self = _all_self_pairs(pairs, self.cfg.pairing)
         pairs = pairs.to(device)
         novel_ids = batch["novel_ids"].to(device)
 
@@ -809,9 +811,10 @@ class PixelSimilarityLoss(nn.Module):
 
         is_self = pairs[:, 0] == pairs[:, 1]
         # Direction d of pair p pairs side d's points with side 1-d's; for a self pair the second direction
-        # repeats the first and is masked out.
+        # repeats the first (the same ordered pairs in the same order) and is masked out, or, when every pair
+        # of the batch is a self pair (Self-Pair), not computed at all: half of SimNet's work, same losses.
         directions = torch.stack([torch.ones_like(is_self), ~is_self], dim=1)  # P x 2
-        view = _PairView(pairs, is_self, directions, labels, pad, base, h, w)
+        view = _PairView(pairs, is_self, directions, 1 if all_self else 2, labels, pad, base, h, w)
 
         loss_sim = self._sim_loss(mask_features, view, base_hot, generator)
         loss_distill = self._distill_loss(mask_features, pred_logits, pred_masks, view, novel_hot, novel_ids, generator)
@@ -845,11 +848,12 @@ class PixelSimilarityLoss(nn.Module):
         point_labels = view.labels[pairs.unsqueeze(-1), index]  # P x 2 x J
         point_base = view.base[pairs.unsqueeze(-1), index]
 
-        other = [1, 0]  # direction d pairs side d with side 1 - d
-        logits = self.simnet.pair_logits(feats, feats[:, other]).float()  # P x 2 x J x J x 2
-        target = point_labels.unsqueeze(-1) == point_labels[:, other].unsqueeze(-2)  # P x 2 x J x J
-        valid = point_base.unsqueeze(-1) | point_base[:, other].unsqueeze(-2)  # OR: >= 1 base pixel
-        valid = valid & view.directions[:, :, None, None]
+        d = view.sides
+        other = [1, 0][:d]  # direction d pairs side d with side 1 - d
+        logits = self.simnet.pair_logits(feats[:, :d], feats[:, other]).float()  # P x d x J x J x 2
+        target = point_labels[:, :d].unsqueeze(-1) == point_labels[:, other].unsqueeze(-2)  # P x d x J x J
+        valid = point_base[:, :d].unsqueeze(-1) | point_base[:, other].unsqueeze(-2)  # OR: >= 1 base pixel
+        valid = valid & view.directions[:, :d, None, None]
 
         if self.training:
             counts = torch.stack([(target & valid).sum(), (~target & valid).sum()]).float()
@@ -891,12 +895,13 @@ class PixelSimilarityLoss(nn.Module):
         region = ~view.base if self.distill_padding else ~view.base & ~view.pad
         index, _ = sample_points(region[pairs].reshape(2 * p, h, w), num_points, generator)
         index = _share_self(index.reshape(p, 2, num_points), view.is_self)
-        other = [1, 0]
+        d = view.sides
+        other = [1, 0][:d]
 
         with torch.no_grad():
             feats = gather_points(mask_features.detach(), pairs, index)
             stats = "batch" if (self.training and self.teacher_bn == "batch") else "running"
-            teacher = self.simnet.pair_probs(feats, feats[:, other], stats=stats)  # P x 2 x J x J
+            teacher = self.simnet.pair_probs(feats[:, :d], feats[:, other], stats=stats)  # P x d x J x J
 
         # Student: sigmoid(mask) at the points, mixed by the novel-class probabilities. Bilinear sampling is
         # linear, so sampling sigmoid(masks) and then mixing equals sampling the score map S. At the
@@ -909,10 +914,10 @@ class PixelSimilarityLoss(nn.Module):
         probs = pred_logits.float().softmax(-1)[..., novel_ids]  # B x Q x N
         scores = torch.einsum("psjq,psqn->psjn", mask_probs, probs[pairs])
         unit = F.normalize(scores, dim=-1, eps=1e-8)
-        student = F.relu(unit @ unit[:, other].transpose(-1, -2))  # P x 2 x J x J
+        student = F.relu(unit[:, :d] @ unit[:, other].transpose(-1, -2))  # P x d x J x J
 
         loss = distill_loss_map(teacher, student, self.cfg.distill_loss)
-        active = (shares[:, None] & view.directions)[:, :, None, None]
+        active = (shares[:, None] & view.directions[:, :d])[:, :, None, None]
         per_pair = torch.where(active, loss, 0.0).flatten(1).sum(1)
         per_pair = per_pair / (view.directions.sum(1) * num_points * num_points)
         self.metrics["distill_pair_share"] = shares.float().mean().detach()
@@ -925,11 +930,24 @@ class _PairView(NamedTuple):
     pairs: Tensor  # P x 2 batch indices
     is_self: Tensor  # P, pair (b, b)
     directions: Tensor  # P x 2, which of the two pairing directions count
+    sides: int  # directions computed: 1 when every pair is a self pair (its second direction repeats it), else 2
     labels: Tensor  # B x hw
     pad: Tensor  # B x hw
     base: Tensor  # B x hw
     h: int
     w: int
+
+
+def _all_self_pairs(pairs: Tensor, pairing: str) -> bool:
+    """Whether every pair of the batch is (b, b), read without a device synchronisation: from the pairs when
+    they are on the CPU (where collate builds them), else from ``pairing`` (Self-Pair batches hold only self
+    pairs; a cross batch may hold a few, which then stay masked)."""
+    if pairs.device.type != "cpu":
+        return pairing == "self"
+    all_self = bool((pairs[:, 0] == pairs[:, 1]).all())
+    if pairing == "self" and not all_self:
+        raise ValueError("similarity.pairing 'self' got a batch with cross-image pairs")
+    return all_self
 
 
 def _share_self(index: Tensor, is_self: Tensor) -> Tensor:
