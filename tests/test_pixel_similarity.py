@@ -373,6 +373,29 @@ def test_distill_low_when_student_agrees_with_teacher(kind: str) -> None:
     assert values[False] < values[True]
 
 
+@pytest.mark.parametrize("kind", ["ce", "cce"])
+def test_distill_leaves_out_points_the_sampler_took_outside_the_region(kind: str) -> None:
+    """56 non-base pixels and J = 60: SimFormer's sampler adds 4 pixels of the base row, where the student's
+    novel scores disagree with the teacher. With ``distill_region_only`` their pairs are left out (the loss of
+    a J that fits the region, no gradient at the base row); without, they count."""
+    values, base_row_grads = {}, {}
+    for region_only, j in ((True, 20), (True, 60), (False, 60)):
+        batch, mf, logits, masks = _novel_scene()
+        cfg = SimilarityConfig(base_points=10, novel_points=j, distill_loss=kind, distill_region_only=region_only)
+        loss = PixelSimilarityLoss(cfg, 2)
+        loss.simnet = _StubTeacher(2, invert=False)
+        out = loss(mf, logits, masks, batch, generator=_generator())["loss_distill"]
+        out.backward()
+        values[region_only, j] = out.item()
+        base_row_grads[region_only, j] = masks.grad[:, :, 0].abs().sum().item()
+    assert values[True, 60] == pytest.approx(values[True, 20], rel=1e-4)
+    assert values[False, 60] > values[True, 60] + 1e-3
+    assert base_row_grads[True, 60] == 0.0
+    if kind == "cce":  # "ce" clamps the saturated student (s = 1 at the base row): no gradient there either way
+        assert base_row_grads[False, 60] > 0.0
+    assert loss.metrics.get("distill_points_inside") is None  # SimFormer's mode does not look
+
+
 def test_pred_masks_at_another_resolution_are_sampled_bilinearly() -> None:
     batch, (mf, logits, masks) = _mixed_case()
     h, w = masks.shape[-2:]

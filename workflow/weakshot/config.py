@@ -83,6 +83,9 @@ class SimilarityConfig:
     sim_weight: float = 1.0
     distill_weight: float = 0.1  # 0.1 COCO, 0.5 ADE
     distill_loss: str = "cce"  # "ce" or "cce"
+    # DistLoss on pairs of points inside the non-base region only; false: SimFormer, whose sampler tops a small
+    # region up with base pixels and distils on them too (losses/pixel_similarity.py, README quirk table).
+    distill_region_only: bool = True
     simnet_width: int = 256
     simnet_blocks: int = 3
     balance_window: int = 25  # iterations of pair counts behind the class-balanced BCE weights

@@ -39,6 +39,14 @@ Decisions on SimFormer's quirks (see also the class docstrings):
   non-base region, padding included. Padding has no image content and no test-time counterpart, and on
   scale-jittered 640 crops it can be a large share of the non-base region, so excluding it makes every
   distillation point land on real novel/unlabelled pixels. ``distill_padding=True`` restores SimFormer.
+* DistLoss pairs stay inside that region (``similarity.distill_region_only``, default true). SimFormer's
+  sampler tops J points up with pixels from *outside* the region when the region has fewer than J pixels,
+  and its DistLoss then distils on those base pixels too, where the novel-class scores it aligns carry no
+  class. At 640 crops (a 160 x 160 embedding) that is rare; on the embedded 16 x 16 embedding the non-base
+  region of an image has a median of 45-95 pixels, so at J = 100 a third of SimFormer's points (46 % on
+  Split 3) would be base pixels. Pairs with a point outside the region are left out, and each image pair's
+  loss is the mean over its remaining pairs: the same loss as SimFormer's whenever the region holds J
+  pixels. ``false`` restores SimFormer (every sampled pair counts, the mean over all J x J).
 * Teacher batch norm: ``teacher_bn="batch"`` (default, SimFormer) normalises the teacher's pairs with their
   own batch statistics, as SimFormer's teacher ran in train mode; unlike SimFormer it does not update the
   running statistics with them (they are not used in training either way; keeping them base-pair only keeps
@@ -754,10 +762,12 @@ class PixelSimilarityLoss(nn.Module):
     weights w_y from :class:`BalancedWeights` (updated in training mode only).
 
     DistLoss, for pairs whose crops share a novel class (mask-less targets): ``novel_points`` points per
-    image in the non-base region (padding excluded unless ``distill_padding``); teacher
+    image in the non-base region (padding excluded unless ``distill_padding``; with
+    ``cfg.distill_region_only`` the pairs of points the sampler had to take outside it are left out); teacher
     t = SimNet([f_i; f_j]) without gradient; student s = ReLU(cos(S(i), S(j))) with
     S[c] = sum_q softmax(cls_q)[c] * sigmoid(mask_q) over the split's novel classes c, sampled at the
-    points; mean of :func:`distill_loss_map` over the pair's J x J (x 2) pairs, 0 for other pairs.
+    points; mean of :func:`distill_loss_map` over the pair's J x J (x 2) pairs (those inside the region),
+    0 for other pairs.
     """
 
     def __init__(
@@ -917,9 +927,15 @@ class PixelSimilarityLoss(nn.Module):
         student = F.relu(unit[:, :d] @ unit[:, other].transpose(-1, -2))  # P x d x J x J
 
         loss = distill_loss_map(teacher, student, self.cfg.distill_loss)
-        active = (shares[:, None] & view.directions[:, :d])[:, :, None, None]
-        per_pair = torch.where(active, loss, 0.0).flatten(1).sum(1)
-        per_pair = per_pair / (view.directions.sum(1) * num_points * num_points)
+        active = (shares[:, None] & view.directions[:, :d])[:, :, None, None].expand_as(loss)
+        if self.cfg.distill_region_only:
+            inside = region[pairs.unsqueeze(-1), index]  # P x 2 x J: the sampler found the point in the region
+            active = active & inside[:, :d].unsqueeze(-1) & inside[:, other].unsqueeze(-2)
+            counted = active.flatten(1).sum(1).clamp(min=1)
+            self.metrics["distill_points_inside"] = inside.float().mean().detach()
+        else:
+            counted = view.directions.sum(1) * num_points * num_points
+        per_pair = torch.where(active, loss, 0.0).flatten(1).sum(1) / counted
         self.metrics["distill_pair_share"] = shares.float().mean().detach()
         return per_pair.mean()
 
