@@ -73,17 +73,18 @@ def test_dry_run_of_the_default_target(workdir):
     assert counts["split"] == 9 and counts["split_image_labels"] == 9
     # Per dataset: the oracle and the CAM classifier (RETAB's CAMs), trained once; only the oracle is evaluated.
     assert counts["train_dataset_model"] == 2 and counts["predict_dataset_model"] == 1
-    # Tables 1-2 on Splits 1-4: base model, Basic, Self-Pair and Cross-Pair with three J.
+    # Tables 1-2 on Splits 1-4: Basic, Self-Pair and Cross-Pair with three J (the base model is not a row).
     # Table 3 on Splits 4-9: SimFormer (Cross-Pair; Split 4 is shared with Tables 1-2), its pseudo-labels and
     # SimFormer*, RETAB's network, pseudo-labels and RETAB*.
     # Figures 1-2 (Splits 4 and 9) add the WSSS baseline: CAM pseudo-labels and their retrain.
-    tables_1_2, table_3, figures = 6 * 4, 5 + 6 + 6 + 6, 2
+    tables_1_2, table_3, figures = 5 * 4, 5 + 6 + 6 + 6, 2
     assert counts["train"] == tables_1_2 + table_3 + figures
     assert counts["predict"] == tables_1_2 + 5 + 6 + 6 + figures
     assert counts["cam_pseudo_labels"] == 2 and counts["figure"] == 2
     assert counts["pseudo_labels"] == 6 and counts["retab_pseudo_labels"] == 6
-    # Scored: 7 rows x 4 splits, then 4 rows x 6 splits less Cross-Pair and the oracle on Split 4.
-    assert counts["evaluate"] == 7 * 4 + 4 * 6 - 2
+    # Scored: 6 rows x 4 splits, then 4 rows x 6 splits less Cross-Pair and the oracle on Split 4.
+    assert counts["evaluate"] == 6 * 4 + 4 * 6 - 2
+    assert "models/base_model/" not in snakemake("-n", "-p", cwd=workdir).stdout  # not a row of any table
     assert counts["table"] == 2 and counts["table3"] == 1 and counts["report"] == 1
 
 
@@ -154,10 +155,10 @@ def test_dry_run_of_the_paper_configs(workdir):
     coco = paper_dry_run(workdir, "config/coco_stuff_10k.yaml")
     assert coco["download"] == 2 and coco["download_pretrained"] == 1 and "generate_embedded" not in coco
     assert coco["split"] == 9 + 1  # COCO-Stuff-10K Splits 1-9; ADE20K Split 1 for Figure 2
-    # Tables 1-2 (6 models x Splits 1-4), Table 3 (SimFormer on Splits 5-9, RETAB's net, RETAB* and SimFormer*
+    # Tables 1-2 (5 models x Splits 1-4), Table 3 (SimFormer on Splits 5-9, RETAB's net, RETAB* and SimFormer*
     # on Splits 4-9), Figure 1 (WSSS baseline, RETAB's net and RETAB* on Split 1) and Figure 2 (all four on
     # ADE20K's Split 1).
-    assert coco["train"] == 6 * 4 + (5 + 3 * 6) + 3 + 4
+    assert coco["train"] == 5 * 4 + (5 + 3 * 6) + 3 + 4
     assert coco["train_dataset_model"] == 3  # COCO's oracle and CAM classifier, ADE20K's CAM classifier
     assert coco["table"] == 2 and coco["table3"] == 1 and coco["figure"] == 2
 
