@@ -5,6 +5,10 @@ Prints images per second and the achieved FLOP/s as a fraction of this machine's
 plus where the step's time goes (data, forward, matching + losses, backward + optimiser).
 
     python bench/train_step.py [--config config/config.yaml] [--method cross_pair] [--threads 2] [--steps 20]
+        [--profile 15]
+
+``--profile N`` also prints the N operators that take the most time in the timed steps (torch.profiler, self
+CPU time), which says where the step falls short of the matmul peak.
 
 Needs the prepared embedded dataset (`snakemake --cores 2 results/embedded/splits/split1_image_labels.tsv`).
 """
@@ -51,6 +55,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--split", default="split1")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N most costly operators")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -91,6 +96,9 @@ def main() -> None:
         step(next(batches))
     totals = {"data": 0.0, "forward": 0.0, "matching + losses": 0.0, "backward + optimiser": 0.0}
     images = 0
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if args.profile else None
+    if profiler is not None:
+        profiler.start()
     start = time.perf_counter()
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -100,6 +108,8 @@ def main() -> None:
             totals[key] += value
         images += batch["images"].shape[0]
     elapsed = time.perf_counter() - start
+    if profiler is not None:
+        profiler.stop()
 
     batch = next(batches)
     with FlopCounterMode(display=False) as counter:
@@ -117,6 +127,9 @@ def main() -> None:
     print("  where the step goes:")
     for key, value in totals.items():
         print(f"    {key:22s} {value / elapsed:6.1%}")
+    if profiler is not None:
+        # The profiler's own overhead inflates the many small operators a little; read shares, not times.
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
 
 
 if __name__ == "__main__":
