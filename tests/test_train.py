@@ -47,6 +47,32 @@ def test_resumed_run_ends_with_the_same_weights(dataset, tmp_path):
     assert not (tmp_path / "b" / "checkpoint.pt").exists()
 
 
+def test_a_checkpoint_of_another_run_config_is_not_resumed(dataset, tmp_path, capsys):
+    # A run killed under one config, then run again after the config changed: continuing the old run would
+    # write a model that neither config describes. It starts again and ends as a fresh run of the new config.
+    old, new = tiny_run(), tiny_run(train={"lr": 5e-4})
+    fresh = train(new, inputs(dataset, tmp_path / "fresh"))
+    train(old, inputs(dataset, tmp_path / "b"), stop_at=3)
+    capsys.readouterr()
+    restarted = train(new, inputs(dataset, tmp_path / "b"))
+    err = capsys.readouterr().err
+    assert "not resuming" in err and "train.lr: 0.001 -> 0.0005" in err and "resumed from" not in err
+    first, second = weights(fresh), weights(restarted)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    log = (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in log] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_resumes_across_a_change_of_settings_that_do_not_touch_the_weights(dataset, tmp_path, capsys):
+    uninterrupted = train(tiny_run(), inputs(dataset, tmp_path / "a"))
+    train(tiny_run(), inputs(dataset, tmp_path / "b"), stop_at=3)
+    capsys.readouterr()
+    resumed = train(tiny_run(train={"log_every": 3, "checkpoint_every": 4}), inputs(dataset, tmp_path / "b"))
+    assert "resumed from" in capsys.readouterr().err
+    first, second = weights(uninterrupted), weights(resumed)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
 def test_sigkilled_cli_run_resumes_from_its_checkpoint(dataset, tmp_path):
     """A real kill: the CLI process is SIGKILLed once a checkpoint exists, then run again to the end."""
     run = tiny_run(train={"iterations": 40, "checkpoint_every": 2})

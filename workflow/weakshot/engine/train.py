@@ -9,7 +9,9 @@ image-level BCE instead of the set criterion.
 The loop: AdamW (backbone lr multiplier, no decay on norms and embeddings), poly learning rate, full-model
 gradient clipping, autocast (bf16/fp16) and channels-last on CUDA, seeded and deterministic on CPU. It
 writes ``checkpoint.pt`` every ``train.checkpoint_every`` iterations (atomically); run again after a kill,
-it resumes from there and ends with the same weights as an uninterrupted run. When done it writes
+it resumes from there and ends with the same weights as an uninterrupted run (a checkpoint that another run
+config wrote, say before the config's ``iterations`` changed, is not resumed: the run starts again). When done
+it writes
 ``model.pt`` (state dict), ``config.yaml`` (the resolved config) and ``train_log.jsonl`` and removes the
 checkpoint.
 
@@ -267,6 +269,52 @@ def step_losses(
     return losses
 
 
+# Settings that change neither the weights nor the data order: a run may resume across a change of them.
+_RESUME_INDIFFERENT = ("num_workers", "checkpoint_every", "log_every")
+
+
+def run_fingerprint(run: RunConfig, num_classes: int) -> str:
+    """What a checkpoint must have been written by for a run to resume from it: the resolved run config (less
+    the settings in ``_RESUME_INDIFFERENT``) and the number of classes, as canonical JSON."""
+    record = run.to_dict()
+    record["train"] = {k: v for k, v in record["train"].items() if k not in _RESUME_INDIFFERENT}
+    return json.dumps({"num_classes": num_classes, **record}, sort_keys=True)
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, with both values."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return found
+
+
+def checkpoint_is_resumable(checkpoint: Path, fingerprint: str, report: bool) -> bool:
+    """True when ``checkpoint`` was written by this very run config. A checkpoint of another config (the
+    config changed after a killed run) would continue the old run under the new name, so it is not resumed:
+    the run starts from iteration 0 and overwrites it at its first save. ``report`` prints why."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a torn or foreign file: say which one
+        raise RuntimeError(f"{checkpoint}: cannot read checkpoint ({err})") from None
+    written_by = state.get("extra", {}).get("run")
+    if written_by == fingerprint:
+        return True
+    if report:
+        if written_by is None:
+            why = "it does not record the run config that wrote it (an older version)"
+        else:
+            changes = _differences(json.loads(written_by), json.loads(fingerprint))
+            why = "the run config has changed since: " + "; ".join(changes[:5])
+            why += f" and {len(changes) - 5} more" if len(changes) > 5 else ""
+        print(f"[train] not resuming from {checkpoint}: {why}; starting from iteration 0", file=sys.stderr, flush=True)
+    return False
+
+
 def train(run: RunConfig, inputs: TrainInputs, *, device: str | None = None, stop_at: int | None = None) -> Path:
     """Train one model into ``inputs.out_dir``; returns the path of ``model.pt``.
 
@@ -301,8 +349,10 @@ def _train(
 
     dataset = build_dataset(run, inputs)
     checkpoint = out_dir / CHECKPOINT_NAME
+    fingerprint = run_fingerprint(run, num_classes)
     start, log_lines = 0, []
-    if checkpoint.exists():
+    resume = checkpoint.exists() and checkpoint_is_resumable(checkpoint, fingerprint, world.is_main)
+    if resume:
         # Read the iteration first: the data stream is positioned arithmetically, then RNG state restored.
         start = int(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["iteration"])
     batches: Iterator[dict] = iter(
@@ -317,7 +367,7 @@ def _train(
             world_size=world.size,
         )
     )
-    if checkpoint.exists():
+    if resume:
         start, extra = load_checkpoint(checkpoint, model=model, criterion=losses_module, optimizer=optimizer)
         log_lines = list(extra.get("log", []))
         if world.is_main:
@@ -333,7 +383,7 @@ def _train(
         if world.is_main:
             save_checkpoint(
                 checkpoint, iteration=iteration, model=model, criterion=losses_module, optimizer=optimizer,
-                extra={"log": log_lines},
+                extra={"log": log_lines, "run": fingerprint},
             )  # fmt: skip
 
     model.train()
