@@ -42,14 +42,20 @@ def save_checkpoint(
         torch.save(state, tmp)
 
 
+def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint's state dict, as ``save_checkpoint`` wrote it; ``mmap`` reads tensors only when touched
+    (enough to look at its iteration and extra)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # a torn or foreign file: say which one
+        raise RuntimeError(f"{path}: cannot read checkpoint ({err})") from None
+
+
 def load_checkpoint(
     path: Path, *, model: torch.nn.Module, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[int, dict[str, Any]]:
     """Restore a checkpoint in place; returns (iteration, extra)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a torn or foreign file: say which one
-        raise RuntimeError(f"{path}: cannot read checkpoint ({err})") from None
+    state = read_checkpoint(path)
     model.load_state_dict(state["model"])
     criterion.load_state_dict(state["criterion"])
     optimizer.load_state_dict(state["optimizer"])

@@ -38,7 +38,14 @@ from torch import nn
 from weakshot.config import RunConfig
 from weakshot.data.classes import ClassTable
 from weakshot.data.dataset import PairDataset, SegmentationDataset, WeakShotDataset, WeakShotMapper, infinite_loader
-from weakshot.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_weights, save_checkpoint, save_weights
+from weakshot.engine.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    load_weights,
+    read_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
 from weakshot.engine.distributed import World, close_world, init_world
 from weakshot.io_utils import atomic_path, write_yaml
 from weakshot.losses.criterion import build_criterion, total_loss
@@ -293,17 +300,14 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def checkpoint_is_resumable(checkpoint: Path, fingerprint: str, report: bool) -> bool:
-    """True when ``checkpoint`` was written by this very run config. A checkpoint of another config (the
-    config changed after a killed run) would continue the old run under the new name, so it is not resumed:
-    the run starts from iteration 0 and overwrites it at its first save. ``report`` prints why."""
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # a torn or foreign file: say which one
-        raise RuntimeError(f"{checkpoint}: cannot read checkpoint ({err})") from None
-    written_by = state.get("extra", {}).get("run")
+def resumable_iteration(checkpoint: Path, fingerprint: str, report: bool) -> int | None:
+    """The iteration to resume at from ``checkpoint``, or None when another run config wrote it (the config
+    changed after a killed run): continuing would finish the old run under the new name, so the run starts
+    from iteration 0 instead and overwrites the checkpoint at its first save. ``report`` prints why."""
+    state = read_checkpoint(checkpoint, mmap=True)
+    written_by = state["extra"].get("run")
     if written_by == fingerprint:
-        return True
+        return int(state["iteration"])
     if report:
         if written_by is None:
             why = "it does not record the run config that wrote it (an older version)"
@@ -312,7 +316,7 @@ def checkpoint_is_resumable(checkpoint: Path, fingerprint: str, report: bool) ->
             why = "the run config has changed since: " + "; ".join(changes[:5])
             why += f" and {len(changes) - 5} more" if len(changes) > 5 else ""
         print(f"[train] not resuming from {checkpoint}: {why}; starting from iteration 0", file=sys.stderr, flush=True)
-    return False
+    return None
 
 
 def train(run: RunConfig, inputs: TrainInputs, *, device: str | None = None, stop_at: int | None = None) -> Path:
@@ -350,11 +354,11 @@ def _train(
     dataset = build_dataset(run, inputs)
     checkpoint = out_dir / CHECKPOINT_NAME
     fingerprint = run_fingerprint(run, num_classes)
-    start, log_lines = 0, []
-    resume = checkpoint.exists() and checkpoint_is_resumable(checkpoint, fingerprint, world.is_main)
-    if resume:
-        # Read the iteration first: the data stream is positioned arithmetically, then RNG state restored.
-        start = int(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["iteration"])
+    log_lines = []
+    # Read the iteration first: the data stream is positioned arithmetically, then RNG state restored.
+    resume_at = resumable_iteration(checkpoint, fingerprint, world.is_main) if checkpoint.exists() else None
+    resume = resume_at is not None
+    start = resume_at or 0
     batches: Iterator[dict] = iter(
         infinite_loader(
             dataset,
