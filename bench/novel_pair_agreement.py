@@ -28,7 +28,7 @@ from PIL import Image
 
 from weakshot.data.classes import ClassTable
 from weakshot.evaluation.evaluate import load_split_ids
-from weakshot.evaluation.results import read_results
+from weakshot.evaluation.results import iter_results
 
 
 def pair_counts(contingency: np.ndarray) -> np.ndarray:
@@ -56,7 +56,6 @@ def balanced_accuracy(counts: np.ndarray) -> tuple[float, float, float]:
 
 
 def score(predictions: Path, labels_dir: Path, table: ClassTable, novel_ids: list[int]) -> dict[str, float]:
-    maps = read_results(predictions, table.dataset_id_to_id(), ignore_label=table.ignore_label)
     novel = np.zeros(256, dtype=bool)
     novel[list(novel_ids)] = True
     size = table.num_classes + 1  # the last column gathers uncovered (ignore) predictions
@@ -64,7 +63,7 @@ def score(predictions: Path, labels_dir: Path, table: ClassTable, novel_ids: lis
     pooled = np.zeros((size, size), dtype=np.int64)
     correct = agrees_with_region = wrong_but_agrees = pixels = 0
     self_pairs = 0
-    for file_name, prediction in maps.items():
+    for file_name, prediction in iter_results(predictions, table.dataset_id_to_id(), ignore_label=table.ignore_label):
         label_path = labels_dir / f"{Path(file_name).stem}.png"
         with Image.open(label_path) as img:
             label = np.array(img)
@@ -84,8 +83,8 @@ def score(predictions: Path, labels_dir: Path, table: ClassTable, novel_ids: lis
         agrees_with_region += int(agrees.sum())
         wrong_but_agrees += int((agrees & (pred != gt)).sum())
         pixels += gt.size
-    # Self pairs are trivially "same" on both sides: drop them from the within-image counts.
-    within_pairs = within - np.array([self_pairs, self_pairs, self_pairs, self_pairs])
+    # Self pairs are trivially "same" on both sides: drop them from every within-image count.
+    within_pairs = within - self_pairs
     across_pairs = pair_counts(pooled) - within
     return {
         "within": balanced_accuracy(within_pairs),
