@@ -16,6 +16,7 @@ from weakshot.data import transforms as T
 from weakshot.data.classes import ClassInfo, ClassTable
 from weakshot.data.dataset import (
     PairDataset,
+    SameSizeBatches,
     SegmentationDataset,
     TestDataset,
     WeakShotDataset,
@@ -363,3 +364,24 @@ def test_decoded_pairs_are_cached_read_only_within_the_budget(prepared: Path) ->
     assert source.load(1)[0] is not source.load(1)[0]
     uncached = SegmentationDataset(prepared, "train", cache_bytes=0)
     assert not uncached.load(0)[1].any()  # read from the replaced file
+
+
+def test_same_size_batches_keep_name_order_and_never_mix_sizes() -> None:
+    sizes = [(32, 32), (32, 32), (32, 32), (32, 64), (32, 32), (32, 32)]
+    assert list(SameSizeBatches(sizes, 2)) == [[0, 1], [2], [3], [4, 5]]
+    assert list(SameSizeBatches(sizes, 16)) == [[0, 1, 2], [3], [4, 5]]
+    assert len(SameSizeBatches(sizes, 1)) == 6
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        SameSizeBatches(sizes, 0)
+
+
+def test_padded_size_from_the_header_is_the_size_of_the_item(prepared: Path) -> None:
+    dataset = TestDataset(prepared, "test", test_size=32)
+    assert [dataset.padded_size(i) for i in range(len(dataset))] == [
+        tuple(dataset[i]["image"].shape[-2:]) for i in range(len(dataset))
+    ]
+    batches = list(evaluation_loader(dataset))
+    assert [name for batch in batches for name in batch["names"]] == dataset.names
+    for batch in batches:  # no image is padded beyond its own padded size
+        for name in batch["names"]:
+            assert tuple(batch["images"].shape[-2:]) == dataset.padded_size(dataset.names.index(name))

@@ -1,6 +1,7 @@
 """The training engine: a killed run resumes to the same weights as an uninterrupted one; prediction writes
 a result file the evaluator reads."""
 
+import functools
 import json
 import os
 import signal
@@ -16,7 +17,9 @@ import yaml
 from tiny import inputs, tiny_run
 
 from weakshot.data.classes import ClassTable
-from weakshot.engine.predict import predict_folder
+from weakshot.data.dataset import TestDataset, evaluation_loader
+from weakshot.engine import predict as predict_module
+from weakshot.engine.predict import load_model, predict_folder, predict_label_maps
 from weakshot.engine.train import TrainInputs, lr_factor, train
 from weakshot.evaluation.evaluate import evaluate_result_file
 
@@ -128,6 +131,27 @@ def test_oracle_prediction_is_scored_by_the_evaluator(dataset, tmp_path):
     )  # fmt: skip
     assert metrics["num_images"] == 4
     assert 0.0 <= metrics["novel_mIoU"] <= 100.0
+
+
+def test_batched_prediction_matches_one_image_at_a_time(dataset, tmp_path, monkeypatch):
+    """Evaluation batches hold images of one padded size, so each image is segmented as at batch 1."""
+    run = tiny_run(method={"supervision": "full"}, similarity={"pairing": "none"}, train={"iterations": 2})
+    model_dir = train(run, TrainInputs(dataset["prepared"], tmp_path / "oracle")).parent
+    model, run = load_model(model_dir, torch.device("cpu"))
+    test_set = TestDataset(dataset["prepared"], "test", run.augment.test_size)
+    assert len(evaluation_loader(test_set)) == 1  # the four 32 px test images in one batch
+
+    batched = list(predict_label_maps(model, run, test_set, torch.device("cpu")))
+    monkeypatch.setattr(predict_module, "evaluation_loader", functools.partial(evaluation_loader, batch_size=1))
+    single = list(predict_label_maps(model, run, test_set, torch.device("cpu")))
+
+    assert [name for name, *_ in batched] == [name for name, *_ in single] == test_set.names
+    for (_, labels_b, scores_b), (_, labels_1, scores_1) in zip(batched, single):
+        assert scores_b.shape == scores_1.shape
+        torch.testing.assert_close(scores_b, scores_1, rtol=1e-4, atol=1e-6)
+        top2 = scores_1.topk(2, dim=0).values
+        clear = (top2[0] - top2[1] > 1e-4).numpy()  # labels may differ only where two classes all but tie
+        assert clear.mean() > 0.9 and (labels_b[clear] == labels_1[clear]).all()
 
 
 def test_weak_supervision_needs_a_split(dataset, tmp_path):

@@ -31,10 +31,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from weakshot.config import AugmentConfig
-from weakshot.data.transforms import IGNORE_LABEL, PAD_IMAGE_VALUE, resize_for_test, train_augment
+from weakshot.data.transforms import IGNORE_LABEL, PAD_IMAGE_VALUE, resize_for_test, test_sizes, train_augment
 
 log = logging.getLogger(__name__)
 
@@ -354,6 +354,12 @@ class TestDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_paths)
 
+    def padded_size(self, index: int) -> tuple[int, int]:
+        """(H, W) of item ``index``'s image tensor, from the image file's header (no pixels decoded)."""
+        with Image.open(self.image_paths[index]) as image:
+            width, height = image.size
+        return test_sizes(height, width, self.test_size, self.max_size)[1]
+
     def __getitem__(self, index: int) -> dict:
         image = read_image(self.image_paths[index])
         padded, pad_mask, size = resize_for_test(image, self.test_size, self.max_size)
@@ -513,8 +519,49 @@ def infinite_loader(
     yield from loader
 
 
-def evaluation_loader(dataset: TestDataset, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """Batches of one test-resized image, in name order (for evaluation and pseudo-labelling)."""
+# Images per evaluation batch. At batch 1 the embedded model's forward pass is mostly per-operator overhead
+# (a 32 px image), and prediction was a tenth of the Tables 1-2 run; batches of this size cut it to a few
+# percent. In inference mode a batch of 16 holds less than a training batch of 8 does (no activations are kept
+# for a backward pass), at paper scale too.
+EVAL_BATCH_SIZE = 16
+
+
+class SameSizeBatches(Sampler[list[int]]):
+    """Consecutive indices (name order) in batches of at most ``batch_size`` images of the same padded size.
+
+    The network then sees every image exactly as at batch 1, with no padding beyond its own: padding a smaller
+    image up to a larger one would change its convolutions at the border and what its queries attend to.
+    Consecutive only, so that outputs still come in name order; a dataset of one size (the embedded one, or
+    any resized to a fixed size) gets full batches, a real one as many as its runs of equal sizes allow.
+    """
+
+    def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        self.batches: list[list[int]] = []
+        for index, size in enumerate(sizes):
+            last = self.batches[-1] if self.batches else None
+            if last is not None and len(last) < batch_size and sizes[last[0]] == size:
+                last.append(index)
+            else:
+                self.batches.append([index])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def evaluation_loader(
+    dataset: TestDataset, num_workers: int = 0, pin_memory: bool = False, batch_size: int = EVAL_BATCH_SIZE
+) -> DataLoader:
+    """Batches of test-resized images of one padded size, in name order (for evaluation and pseudo-labelling)."""
+    sizes = [dataset.padded_size(i) for i in range(len(dataset))]
     return DataLoader(
-        dataset, batch_size=1, shuffle=False, num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory
+        dataset,
+        batch_sampler=SameSizeBatches(sizes, batch_size),
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
     )

@@ -253,8 +253,20 @@ def resize_for_test(
 
     Returns (padded image, pad mask, (h, w) of the resized image before padding).
     """
-    max_size = MAX_SIZE_FACTOR * test_size if max_size is None else max_size
-    size = shortest_edge_size(*image.shape[:2], test_size, max_size)
+    size, padded_size = test_sizes(*image.shape[:2], test_size, max_size)
     resized = resize_image(image, size)
-    padded, pad_mask = pad_image(resized, round_up(size[0]), round_up(size[1]))
+    padded, pad_mask = pad_image(resized, *padded_size)
     return padded, pad_mask, size
+
+
+def test_sizes(
+    height: int, width: int, test_size: int, max_size: int | None = None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(h, w) of an image of ``height`` x ``width`` after the test-time resize, and (H, W) after the padding:
+    what :func:`resize_for_test` makes of it, from the size alone."""
+    max_size = MAX_SIZE_FACTOR * test_size if max_size is None else max_size
+    size = shortest_edge_size(height, width, test_size, max_size)
+    return size, (round_up(size[0]), round_up(size[1]))
+
+
+test_sizes.__test__ = False  # a function of test-time sizes, not a pytest test
