@@ -314,7 +314,9 @@ def test_postprocess_crops_padding_before_resizing() -> None:
 
     # segment(): per-image sizes, upsampling the mask logits before the sigmoid.
     logits, masks = torch.randn(2, 3, 5), torch.randn(2, 3, 8, 8)
-    out = segment({"pred_logits": logits, "pred_masks": masks}, padded, [(16, 24), (32, 20)], [(40, 60), (32, 20)])
+    out = list(
+        segment({"pred_logits": logits, "pred_masks": masks}, padded, [(16, 24), (32, 20)], [(40, 60), (32, 20)])
+    )
     assert [tuple(s.shape) for s in out] == [(4, 40, 60), (4, 32, 20)]
     ref = semantic_inference(logits[1:], F.interpolate(masks[1:], size=padded, mode="bilinear", align_corners=False))
     torch.testing.assert_close(out[1], ref[0, :, :32, :20])

@@ -70,10 +70,8 @@ def predict_label_maps(
     """Yield (name, label map uint8 at the original resolution, K x H x W scores) per image."""
     keys = ("pred_logits", "pred_masks")
     for batch, padded, outputs in evaluation_outputs(model, run, dataset, device, keys, num_workers):
-        # One image at a time: the K x H x W scores at the original resolution are the largest tensors here.
-        for i, name in enumerate(batch["names"]):
-            one = {key: value[i : i + 1] for key, value in outputs.items()}
-            (score,) = segment(one, padded, batch["image_size"][i : i + 1], batch["orig_size"][i : i + 1])
+        scores = segment(outputs, padded, batch["image_size"], batch["orig_size"])  # one image at a time
+        for name, score in zip(batch["names"], scores, strict=True):
             yield name, score.argmax(0).to(torch.uint8).cpu().numpy(), score
 
 

@@ -13,7 +13,7 @@ a model (for evaluation, or to load a full checkpoint) never needs the weights f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,19 +110,19 @@ def postprocess(x: torch.Tensor, padded_size: Size, image_size: Size, output_siz
 
 def segment(
     outputs: dict, padded_size: Size, image_sizes: Sequence[Size], output_sizes: Sequence[Size]
-) -> list[torch.Tensor]:
-    """Semantic scores (K x H_i x W_i per image) from MaskFormer outputs, in SimFormer's order: mask *logits*
-    upsampled to the padded input size, then ``semantic_inference``, then crop and resize per image.
+) -> Iterator[torch.Tensor]:
+    """Semantic scores (K x H_i x W_i per image, yielded in batch order) from MaskFormer outputs, in SimFormer's
+    order: mask *logits* upsampled to the padded input size, then ``semantic_inference``, then crop and resize
+    per image.
 
     Upsampling before the sigmoid (not after) is what MaskFormer/SimFormer do; it changes the scores slightly
-    at object boundaries. One image at a time keeps the Q x H x W upsampled logits of only one image alive.
+    at object boundaries. One image at a time, yielded, keeps the Q x H x W upsampled logits and the K x H x W
+    scores of only one image alive, whatever the batch size.
     """
-    scores = []
     for i, (image_size, output_size) in enumerate(zip(image_sizes, output_sizes, strict=True)):
         masks = _resize(outputs["pred_masks"][i : i + 1], padded_size)
         result = semantic_inference(outputs["pred_logits"][i : i + 1], masks)[0]
-        scores.append(sem_seg_postprocess(result, image_size, output_size))
-    return scores
+        yield sem_seg_postprocess(result, image_size, output_size)
 
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
